@@ -1,0 +1,26 @@
+"""attnkit: the attention layers of text-to-image diffusion models in your hands."""
+
+from attnkit.engine import (
+    AttentionCall,
+    AttnkitError,
+    Controller,
+    LayerInfo,
+    Layout,
+    Selection,
+    control,
+    describe_layers,
+    shared_latents,
+)
+
+__all__ = [
+    "AttentionCall",
+    "AttnkitError",
+    "Controller",
+    "LayerInfo",
+    "Layout",
+    "Selection",
+    "control",
+    "describe_layers",
+    "shared_latents",
+]
+__version__ = "0.1.0"
