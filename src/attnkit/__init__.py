@@ -11,9 +11,14 @@ from attnkit.engine import (
     describe_layers,
     shared_latents,
 )
+from attnkit.sampling import Generation, generate
+from attnkit.store import AttentionStore
 
 __all__ = [
     "AttentionCall",
+    "AttentionStore",
+    "Generation",
+    "generate",
     "AttnkitError",
     "Controller",
     "LayerInfo",

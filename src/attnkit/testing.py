@@ -96,7 +96,7 @@ def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", seed: int = 0, cross_atten
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(TEST_WORDS, keep_split=["sunglasses"])
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4, sample_size=32)

@@ -1,0 +1,190 @@
+"""Model loading and each model's own sampling defaults.
+
+    pipe = load_pipeline()                                   # the bundled model shipped with attnkit
+    pipe = load_pipeline("runwayml/stable-diffusion-v1-5", dtype="fp16", device="cuda")
+    pipe = load_pipeline("path/to/a/saved/pipeline")         # a local folder: works offline
+    defaults = defaults_for(pipe)      # ModelDefaults(guidance_scale=1.5, num_inference_steps=25, ...)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnkit.engine import AttnkitError
+
+DEFAULTS_FILE = "attnkit.json"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "model"
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults of one model. The bundled model needs a low guidance scale, so no command may
+    assume Stable Diffusion's 7.5: read them from here."""
+
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    height: int = 512
+    width: int = 512
+
+
+def _model_folder(pipe: Any) -> Path | None:
+    name = getattr(pipe, "_attnkit_folder", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if name and Path(str(name)).is_dir():
+        return Path(str(name))
+    return None
+
+
+def defaults_for(pipe: Any) -> ModelDefaults:
+    """The model's defaults: its folder's ``attnkit.json`` where present, else Stable Diffusion's."""
+    unet = pipe.unet
+    side = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    base = ModelDefaults(height=side, width=side)
+    folder = _model_folder(pipe)
+    if folder is not None and (folder / DEFAULTS_FILE).is_file():
+        stored = json.loads((folder / DEFAULTS_FILE).read_text())
+        known = {k: stored[k] for k in ModelDefaults.__dataclass_fields__ if k in stored}
+        return ModelDefaults(**{**base.__dict__, **known})
+    return base
+
+
+def bundled_model_path() -> Path:
+    """The folder of the bundled model; raises a clear error when it is not there (not trained/shipped yet)."""
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        raise AttnkitError(
+            f"the bundled model is missing ({BUNDLED_MODEL} has no model_index.json): reinstall attnkit, "
+            "train it with `attnkit train-bundled`, or pass a model (a local pipeline folder, a hub id, or "
+            "'tiny' on the command line for a random test pipeline)"
+        )
+    return BUNDLED_MODEL
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """A ``torch.dtype`` from a dtype or a name ("float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16");
+    None stays None. ``parse_dtype("fp16") is torch.float16``"""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise AttnkitError(f"unknown dtype {dtype!r}: use float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
+    return getattr(torch, _DTYPE_NAMES[key])
+
+
+def _diffusers_takes_dtype() -> bool:
+    # diffusers 0.40 renamed from_pretrained's `torch_dtype=` to `dtype=` (the old name is deprecated).
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return (major, minor) >= (0, 40)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "org/name" (or "name"); anything with more parts or a path prefix was meant as a folder.
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+
+
+def _is_pipeline(obj: Any) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _folder_kwargs(folder: Path) -> dict[str, Any]:
+    """Extra from_pretrained arguments for a local folder: its own (absent) safety checker stays absent."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if "safety_checker" in index and not (folder / "safety_checker").is_dir():
+        # The folder was saved without a checker; tell the pipeline so, instead of warning about it.
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OSError, HfHubHTTPError, OfflineModeIsEnabled]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # older huggingface_hub versions use requests only (its errors are OSErrors)
+        pass
+    return tuple(errors)
+
+
+def load_pipeline(
+    name_or_path: str | Path | Any | None = None,
+    dtype: Any = None,
+    device: str | Any | None = None,
+    local_files_only: bool | None = None,
+) -> Any:
+    """Load a diffusers text-to-image pipeline (SD1.x, SD2.x, SDXL) for use with attnkit.
+
+    ``name_or_path``: None (the bundled model), a local pipeline folder (loaded offline), a Hugging Face hub id,
+    or an existing pipeline object (moved to ``dtype``/``device`` where given). Weights load from safetensors
+    only and no remote code runs. ``dtype`` takes torch dtypes or names ("fp16", "bfloat16", ...).
+
+        pipe = attnkit.load_pipeline("stabilityai/stable-diffusion-2-1-base", dtype="fp16", device="cuda")
+    """
+    torch_dtype = parse_dtype(dtype)
+    if name_or_path is not None and _is_pipeline(name_or_path):
+        return _to_device(name_or_path, device, torch_dtype)
+    if not isinstance(name_or_path, str | Path | None):
+        raise AttnkitError(f"cannot load a pipeline from a {type(name_or_path).__name__}: pass a folder, a "
+                           "hub id or a diffusers pipeline")
+
+    from diffusers import DiffusionPipeline
+
+    folder = bundled_model_path() if name_or_path is None else Path(name_or_path).expanduser()
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if torch_dtype is not None:
+        kwargs["dtype" if _diffusers_takes_dtype() else "torch_dtype"] = torch_dtype
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise AttnkitError(
+                f"{folder} is not a diffusers pipeline folder (it has no model_index.json): pass the folder "
+                "written by pipe.save_pretrained(...) or a hub id such as 'runwayml/stable-diffusion-v1-5'"
+            )
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **kwargs,
+                                                 **_folder_kwargs(folder))
+        pipe._attnkit_folder = str(folder)
+    elif folder.exists() or _looks_like_path(str(name_or_path)):
+        raise AttnkitError(f"{name_or_path} is not a folder: pass a diffusers pipeline folder or a hub id")
+    else:
+        pipe = _from_hub(DiffusionPipeline, str(name_or_path), local_files_only, kwargs)
+    return _to_device(pipe, device, torch_dtype)
+
+
+def _from_hub(cls: Any, repo_id: str, local_files_only: bool | None, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls.from_pretrained(repo_id, local_files_only=local_files_only, **kwargs)
+    except _network_errors() as error:
+        raise AttnkitError(
+            f"cannot load {repo_id!r} from the Hugging Face hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no details'}). If this machine has no network, "
+            "download the model elsewhere and pass its local folder, or set HF_HUB_OFFLINE=1 to use a copy "
+            "already in the hub cache; also check that the id is spelled right and the repo is public"
+        ) from error
+
+
+def _to_device(pipe: Any, device: Any, dtype: Any) -> Any:
+    if device is None and dtype is None:
+        return pipe
+    import torch
+
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise AttnkitError(f"device {device!r} is not usable on this machine ({error}); use 'cpu' or an "
+                               "available accelerator") from error
+    return pipe.to(device=device, dtype=dtype)

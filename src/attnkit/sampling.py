@@ -1,0 +1,124 @@
+"""``generate``: the one sampling call every attnkit method goes through.
+
+    result = generate(pipe, ["a red circle", "a blue circle"], store, seed=8888)
+    result.images[1].save("blue.png")
+
+It runs the pipeline's own denoising loop (diffusers' ``__call__``) inside :func:`attnkit.control`, with the
+model's own defaults (steps, guidance, size), one initial noise from ``seed`` shared by every prompt (what
+Prompt-to-Prompt needs), and the controllers' step-end hooks wired to ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnkit.engine import AttnkitError, Controller, control, shared_latents
+from attnkit.models import defaults_for
+from attnkit.tokens import check_prompt_length
+
+# Tensors a controller may replace after a step: the latents (local blend) and the prompt embeddings
+# (per-step unconditional embeddings of null-text inversion). Both SD and SDXL pipelines expose them.
+STEP_TENSORS = ["latents", "prompt_embeds"]
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns: images, final latents and the settings that produced them."""
+
+    images: list[Any]
+    latents: torch.Tensor
+    prompts: list[str]
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-ready record of what was run."""
+        return {"prompts": self.prompts, "seed": self.seed, "steps": self.steps, "guidance": self.guidance,
+                "height": self.height, "width": self.width, "seconds": round(self.seconds, 3), **self.settings}
+
+
+def normalize_prompts(prompts: str | list[str]) -> list[str]:
+    """A list of non-empty prompts, or a clear error."""
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
+        raise AttnkitError("no prompt given: pass a prompt string or a list of prompts")
+    for p in items:
+        if not isinstance(p, str):
+            raise AttnkitError(f"prompts must be strings, got {type(p).__name__}")
+    return items
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """Decode latents to PIL images with the pipeline's VAE (float32 where the VAE asks to be upcast)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    dtype = torch.float32 if upcast else vae.dtype
+    z = latents.to(dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(z)
+        z = z * std / vae.config.scaling_factor + mean
+    else:
+        z = z / vae.config.scaling_factor
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        image = vae.decode(z, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def generate(pipe: Any, prompts: str | list[str], *controllers: Controller, seed: int = 0,
+             steps: int | None = None, guidance: float | None = None, height: int | None = None,
+             width: int | None = None, latents: torch.Tensor | None = None,
+             negative_prompt: str | list[str] | None = None, shared_noise: bool = True, progress: bool = True,
+             **pipe_kwargs: Any) -> Generation:
+    """Sample ``prompts`` under ``controllers``; every prompt starts from the same noise (``shared_noise``).
+
+    ``latents`` overrides the initial noise (e.g. an inverted image). Extra keyword arguments go to the
+    pipeline call. Usage: ``generate(pipe, "a red circle", AttentionStore(), seed=1).images[0]``
+    """
+    prompts = normalize_prompts(prompts)
+    for p in prompts:
+        check_prompt_length(pipe.tokenizer, p)
+    defaults = defaults_for(pipe)
+    steps = int(steps or defaults.num_inference_steps)
+    guidance = float(defaults.guidance_scale if guidance is None else guidance)
+    height, width = int(height or defaults.height), int(width or defaults.width)
+    if steps < 1:
+        raise AttnkitError(f"steps must be at least 1, got {steps}")
+    if latents is None:
+        if shared_noise:
+            latents = shared_latents(pipe, seed, len(prompts), height, width)
+        else:
+            latents = torch.cat([shared_latents(pipe, seed + i, 1, height, width) for i in range(len(prompts))])
+    elif latents.shape[0] != len(prompts):
+        raise AttnkitError(f"latents have {latents.shape[0]} rows for {len(prompts)} prompts")
+    saved_progress = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**saved_progress, "disable": not progress})
+    start = time.perf_counter()
+    try:
+        with control(pipe, *controllers) as ctl:
+            out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                       latents=latents, negative_prompt=negative_prompt, output_type="latent",
+                       callback_on_step_end=ctl.callback, callback_on_step_end_tensor_inputs=STEP_TENSORS,
+                       **pipe_kwargs)
+        final = out.images
+        images = decode_latents(pipe, final)
+    finally:
+        pipe._progress_bar_config = saved_progress
+    return Generation(images=images, latents=final, prompts=prompts, seed=seed, steps=steps, guidance=guidance,
+                      height=height, width=width, seconds=time.perf_counter() - start)
