@@ -53,7 +53,7 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77, keep_
     def segment(symbols: list[str]) -> list[str]:
         # Apply the merges learnt so far, lowest rank first, exactly as BPE does at tokenization time.
         while len(symbols) > 1:
-            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+            pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
             rank, i = min(pairs)
             if rank == len(ranks):
                 break
