@@ -132,6 +132,7 @@ def load_pipeline(
     ``name_or_path``: None (the bundled model), a local pipeline folder (loaded offline), a Hugging Face hub id,
     or an existing pipeline object (moved to ``dtype``/``device`` where given). Weights load from safetensors
     only and no remote code runs. ``dtype`` takes torch dtypes or names ("fp16", "bfloat16", ...).
+    ``local_files_only=True`` makes a hub id load from the local hub cache only (as ``HF_HUB_OFFLINE=1`` does).
 
         pipe = attnkit.load_pipeline("stabilityai/stable-diffusion-2-1-base", dtype="fp16", device="cuda")
     """
@@ -161,7 +162,7 @@ def load_pipeline(
         raise AttnkitError(f"{name_or_path} is not a folder: pass a diffusers pipeline folder or a hub id")
     else:
         pipe = _from_hub(DiffusionPipeline, str(name_or_path), local_files_only, kwargs)
-    return _to_device(pipe, device, torch_dtype)
+    return _to_device(pipe, device, None)  # from_pretrained applied the dtype (keeping fp32-only modules)
 
 
 def _from_hub(cls: Any, repo_id: str, local_files_only: bool | None, kwargs: dict[str, Any]) -> Any:
@@ -177,8 +178,6 @@ def _from_hub(cls: Any, repo_id: str, local_files_only: bool | None, kwargs: dic
 
 
 def _to_device(pipe: Any, device: Any, dtype: Any) -> Any:
-    if device is None and dtype is None:
-        return pipe
     import torch
 
     if device is not None:
@@ -187,4 +186,8 @@ def _to_device(pipe: Any, device: Any, dtype: Any) -> Any:
         except (RuntimeError, AssertionError) as error:
             raise AttnkitError(f"device {device!r} is not usable on this machine ({error}); use 'cpu' or an "
                                "available accelerator") from error
+    if dtype is not None and getattr(pipe, "dtype", None) == dtype:
+        dtype = None  # already there: casting again would only make diffusers warn
+    if device is None and dtype is None:
+        return pipe
     return pipe.to(device=device, dtype=dtype)

@@ -1,0 +1,197 @@
+"""Quality benchmark of attnkit's bundled shapes-world model (issue 3).
+
+(a) checker accuracy on ground-truth renders; (b) generated images for held-out prompts (seeds >= 10_000_000,
+never used in training), sampled with the model's own defaults (``attnkit.json``) and fixed generator seeds:
+colour / shape / count / background / fill accuracy read by the rule-based checker, and cross-attention
+localisation IoU (each object's colour word and shape word: its averaged 16x16 cross-attention map, upsampled
+to 64x64 and thresholded at 0.5 x max, vs. that object's mask found by the checker; a missing object scores 0).
+
+Usage::
+
+    python benchmarks/bundled_quality.py            # full: 500 checker renders, 200 generated images
+    python benchmarks/bundled_quality.py --quick    # < 5 min: 200 renders, 48 generated images
+
+The last line printed is one JSON object with the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnkit.bundled.checker import read_image, score, validate
+from attnkit.bundled.scenes import spec_for_seed
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
+BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
+CHECKER_SEED_START = 10_000_000
+
+
+# TODO(lead): switch to attnkit.AttentionStore once it lands; this minimal processor only records what the
+# benchmark needs (cross-attention probabilities at 16x16, conditional half, summed over heads/layers/steps).
+class _CrossAttnRecorder:
+    """Attention processor for ``attn2`` layers that records 16x16 cross-attention probabilities."""
+
+    def __init__(self, n_cond: int, cfg: bool, res: int = 16) -> None:
+        self.n_cond, self.cfg, self.res = n_cond, cfg, res
+        self.sum: torch.Tensor | None = None  # (n_cond, res*res, n_tokens)
+        self.count = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        batch, n_q, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        k = attn.head_to_batch_dim(attn.to_k(ctx))
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, attention_mask)  # (batch*heads, n_q, n_tokens)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if n_q == self.res * self.res:
+            p = probs.view(batch, attn.heads, n_q, -1).mean(1)
+            p = p[batch - self.n_cond :] if self.cfg else p  # the pipeline puts [uncond, cond]
+            self.sum = p.detach().clone() if self.sum is None else self.sum + p.detach()
+            self.count += 1
+        return out
+
+
+def word_token_positions(tok, caption: str) -> list[list[int]]:
+    """Token positions (after bos) of each whitespace word; CLIP BPE tokenizes words independently."""
+    pos, out = 1, []
+    for w in caption.split():
+        n = len(tok.tokenize(w))
+        out.append(list(range(pos, pos + n)))
+        pos += n
+    return out
+
+
+def object_word_positions(tok, spec) -> list[dict[str, list[int]]]:
+    """For each object of ``spec`` (caption order): token positions of its colour word and shape word."""
+    words = spec.caption.split()
+    positions = word_token_positions(tok, spec.caption)
+    res, i = [], 0
+    for obj in spec.objects:
+        ci = words.index(obj.color, i)
+        si = words.index(obj.shape, ci)
+        res.append({"color": positions[ci], "shape": positions[si]})
+        i = si + 1
+    return res
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(int(os.environ.get("ATTNKIT_BENCH_THREADS", "1")))
+    t0 = time.time()
+    n_check = 200 if quick else 500
+    checker = validate(range(CHECKER_SEED_START, CHECKER_SEED_START + n_check))
+    checker_acc = float(np.mean(list(checker.values())))
+
+    defaults = json.loads((model_dir / "attnkit.json").read_text())
+    g = defaults["guidance_scale"] if guidance is None else guidance
+    steps = defaults["num_inference_steps"]
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    tok = pipe.tokenizer
+    n = n_gen or (48 if quick else 200)
+    specs = [spec_for_seed(BENCH_SEED_START + i) for i in range(n)]
+    keys = ("color", "shape", "count", "background", "fill")
+    tot = dict.fromkeys(keys, 0.0)
+    ious: dict[str, list[float]] = {"color": [], "shape": []}
+    failures = 0
+    t_gen = 0.0
+    for start in range(0, n, batch):
+        chunk = specs[start : start + batch]
+        rec = _CrossAttnRecorder(len(chunk), cfg=g > 1.0)
+        procs = {name: (rec if name.endswith("attn2.processor") else proc)
+                 for name, proc in pipe.unet.attn_processors.items()}
+        orig = pipe.unet.attn_processors
+        pipe.unet.set_attn_processor(procs)
+        gens = [torch.Generator().manual_seed(BENCH_SEED_START + start + j) for j in range(len(chunk))]
+        ts = time.time()
+        with torch.no_grad():
+            imgs = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=g,
+                        generator=gens, height=64, width=64).images
+        t_gen += time.time() - ts
+        pipe.unet.set_attn_processor(orig)
+        maps = (rec.sum / max(rec.count, 1)).view(len(chunk), 16, 16, -1).permute(0, 3, 1, 2)  # (B, T, 16, 16)
+        maps = F.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False).numpy()
+        for b, (img, spec) in enumerate(zip(imgs, chunk, strict=True)):
+            reading = read_image(img)
+            r = score(reading, spec)
+            failures += r["n_found"] == 0
+            for k in keys:
+                tot[k] += r[k]
+            for oi, wp in enumerate(object_word_positions(tok, spec)):
+                found = r["matches"].get(oi)
+                for kind in ("color", "shape"):
+                    if found is None:
+                        ious[kind].append(0.0)
+                        continue
+                    m = maps[b, wp[kind]].mean(0)
+                    ious[kind].append(iou(m >= 0.5 * m.max(), found.mask))
+        print(f"  generated {min(start + batch, n)}/{n}", file=sys.stderr, flush=True)
+    acc = {k: v / n for k, v in tot.items()}
+    res = {
+        "color_acc": acc["color"],
+        "shape_acc": acc["shape"],
+        "count_acc": acc["count"],
+        "background_acc": acc["background"],
+        "fill_acc": acc["fill"],
+        "xattn_iou": float(np.mean(ious["color"] + ious["shape"])),
+        "xattn_iou_color": float(np.mean(ious["color"])),
+        "xattn_iou_shape": float(np.mean(ious["shape"])),
+        "checker_acc": checker_acc,
+        "checker": checker,
+        "failures": int(failures),
+        "n_images": n,
+        "n_checker": n_check,
+        "guidance_scale": g,
+        "num_inference_steps": steps,
+        "s_per_image": t_gen / n,
+        "seconds": time.time() - t0,
+    }
+    return res
+
+
+def print_table(res: dict) -> None:
+    targets = {"color_acc": 0.95, "shape_acc": 0.85, "count_acc": 0.90, "background_acc": 0.95,
+               "fill_acc": 0.85, "xattn_iou": 0.5}
+    print(f"bundled model: {res['n_images']} held-out prompts, guidance {res['guidance_scale']}, "
+          f"{res['num_inference_steps']} DDIM steps, {res['s_per_image']:.2f} s/image")
+    print("| metric | value | target |\n|---|---|---|")
+    for k, t in targets.items():
+        print(f"| {k} | {res[k]:.3f} | >= {t} |")
+    print(f"| xattn_iou (colour words) | {res['xattn_iou_color']:.3f} | |")
+    print(f"| xattn_iou (shape words) | {res['xattn_iou_shape']:.3f} | |")
+    print(f"| no object found (failures) | {res['failures']}/{res['n_images']} | |")
+    ck = " ".join(f"{k} {v:.3f}" for k, v in res["checker"].items())
+    print(f"| checker on {res['n_checker']} renders | {res['checker_acc']:.3f} ({ck}) | >= 0.98 |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer samples (< 5 min)")
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--guidance", type=float, default=None, help="override the model's default guidance")
+    p.add_argument("--n", type=int, default=None, help="number of generated images")
+    a = p.parse_args()
+    res = run(a.quick, a.model_dir, a.guidance, a.n)
+    print_table(res)
+    print(json.dumps({k: v for k, v in res.items() if k != "checker"}))
+
+
+if __name__ == "__main__":
+    main()

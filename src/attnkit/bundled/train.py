@@ -1,0 +1,598 @@
+"""Train attnkit's bundled text-to-image model on the shapes world, on a CPU, and export it.
+
+Stages (each one resumable / skipped when its output already exists in ``run_dir``):
+
+1. ``vae``: a small ``AutoencoderKL`` 64x64x3 -> 16x16x4 trained on freshly rendered scenes.
+2. ``encode``: pre-render ``n_scenes`` training scenes (seeds ``0..n_scenes-1``, inside ``TRAIN_SEEDS``)
+   and encode them once to fp16 latents + caption token ids (``run_dir/latents.npz``).
+3. ``unet``: a ``UNet2DConditionModel`` + tiny ``CLIPTextModel`` trained jointly on the latents
+   (v-prediction, cosine DDPM schedule, 10% empty-caption dropout), with EMA, periodic checker evaluation,
+   and export of the best EMA weights as a Stable Diffusion folder (safetensors only).
+
+Usage::
+
+    python -m attnkit.bundled.train --run-dir runs/bundled --minutes 90
+    # or: from attnkit.bundled.train import train; train("runs/bundled", minutes=90)
+
+The private training state (``run_dir/unet_state.pt``: optimizer + step) is a torch pickle and never
+shipped; model weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .scenes import SIZE, render_scene
+
+DEFAULT_EXPORT = Path(__file__).resolve().parent / "model"
+VAE_SEED_OFFSET = 9_000_000  # the VAE trains on seeds 9_000_000.. (still inside TRAIN_SEEDS)
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_SCHEDULE = "squaredcos_cap_v2"
+PREDICTION_TYPE = "v_prediction"
+
+
+def log(run_dir: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(run_dir / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def images_to_tensor(arrs: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC arrays -> float tensor (N, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 3 blocks = 2 downsamples: 64 -> 16
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=SIZE,
+    )
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+@torch.no_grad()
+def vae_roundtrip_psnr(vae, seeds: range) -> float:
+    """Mean PSNR (dB) of decode(encode(x).mean) over the scenes of ``seeds``."""
+    vae.eval()
+    arrs = [render_scene(s).array for s in seeds]
+    out = []
+    for i in range(0, len(arrs), 32):
+        x = images_to_tensor(arrs[i : i + 32])
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(tensor_to_uint8(rec))
+    rec_all = np.concatenate(out)
+    return float(np.mean([psnr(a, r) for a, r in zip(arrs, rec_all, strict=True)]))
+
+
+def train_vae(run_dir: Path, minutes: float, seed: int = 0, batch: int = 8, lr: float = 1e-3) -> None:
+    """Train the autoencoder for ``minutes`` and save it to ``run_dir/vae`` (with its scaling factor)."""
+    from safetensors.torch import load_file
+
+    out = run_dir / "vae"
+    if (out / "config.json").exists() and (out / "DONE").exists():
+        log(run_dir, "vae: already trained, skipping")
+        return
+    torch.manual_seed(seed)
+    vae = make_vae()
+    step = 0
+    ckpt = run_dir / "vae_ckpt"
+    if (ckpt / "diffusion_pytorch_model.safetensors").exists():
+        vae.load_state_dict(load_file(ckpt / "diffusion_pytorch_model.safetensors"))
+        step = json.loads((ckpt / "step.json").read_text())["step"]
+        log(run_dir, f"vae: resumed at step {step}")
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    n_params = sum(p.numel() for p in vae.parameters())
+    log(run_dir, f"vae: {n_params / 1e6:.2f}M params, batch {batch}, {minutes} min")
+    t0 = time.time()
+    end = t0 + minutes * 60
+    total_steps_guess = max(200, int(minutes * 60 / 0.6))
+    next_seed = VAE_SEED_OFFSET + step * batch
+    step0 = step
+    vae.train()
+    while time.time() < end:
+        # warm-up then cosine towards 10% over the expected number of steps
+        frac = min(1.0, step / total_steps_guess)
+        cur_lr = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        x = images_to_tensor([render_scene(next_seed + i).array for i in range(batch)])
+        next_seed += batch
+        post = vae.encode(x).latent_dist
+        # decode the posterior mean (as the encode stage does): converges much faster on this CPU budget
+        # than decoding samples; the tiny KL term only keeps the latent scale tame
+        rec = vae.decode(post.mean).sample
+        kl = post.kl().mean() / (16 * 16 * 4)
+        # L1 keeps flat colours and sharp edges crisp; MSE for PSNR
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            el = time.time() - t0
+            log(run_dir, f"vae step {step} loss {loss.item():.5f} kl {kl.item():.3f} lr {cur_lr:.2e} "
+                         f"{(step - step0) * batch / el:.1f} img/s")
+        if step % 300 == 0:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            vae.save_pretrained(ckpt)
+            (ckpt / "step.json").write_text(json.dumps({"step": step}))
+    vae.eval()
+    # scaling factor = 1 / std of the latent means, like SD's 0.18215
+    with torch.no_grad():
+        x = images_to_tensor([render_scene(VAE_SEED_OFFSET - 1 - i).array for i in range(256)])
+        lat = vae.encode(x).latent_dist.mean
+    std = lat.std().item()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    p = vae_roundtrip_psnr(vae, range(10_000_000, 10_000_200))
+    vae.save_pretrained(out)
+    (out / "DONE").write_text(json.dumps({"steps": step, "psnr_heldout": p, "latent_std": std}))
+    log(run_dir, f"vae: done, {step} steps, held-out round-trip PSNR {p:.2f} dB, latent std {std:.4f}")
+
+
+def load_vae(run_dir: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(run_dir / "vae").eval()
+
+
+# -------------------------------------------------------------------------------------------- encode
+
+SHARD = 10_000
+
+
+@torch.no_grad()
+def encode_scenes(run_dir: Path, n_scenes: int) -> None:
+    """Render training seeds ``0..n_scenes-1`` and store fp16 latent means + token ids in shards."""
+    vae = load_vae(run_dir)
+    tok = get_tokenizer(run_dir)
+    (run_dir / "data").mkdir(exist_ok=True)
+    t0 = time.time()
+    for start in range(0, n_scenes, SHARD):
+        path = run_dir / "data" / f"shard_{start // SHARD:04d}.npz"
+        if path.exists():
+            continue
+        stop = min(n_scenes, start + SHARD)
+        lats, ids = [], []
+        for i in range(start, stop, 64):
+            scenes = [render_scene(s) for s in range(i, min(stop, i + 64))]
+            x = images_to_tensor([sc.array for sc in scenes])
+            lats.append(vae.encode(x).latent_dist.mean.half().numpy())
+            ids.append(tokenize(tok, [sc.caption for sc in scenes]).numpy().astype(np.int16))
+        np.savez(path.with_suffix(".tmp.npz"), latents=np.concatenate(lats), ids=np.concatenate(ids))
+        os.replace(path.with_suffix(".tmp.npz"), path)
+        log(run_dir, f"encode: {stop}/{n_scenes} scenes, {stop / (time.time() - t0):.0f} scenes/s this run")
+
+
+def load_latents(run_dir: Path, n_scenes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lats, ids = [], []
+    for start in range(0, n_scenes, SHARD):
+        d = np.load(run_dir / "data" / f"shard_{start // SHARD:04d}.npz")
+        lats.append(d["latents"])
+        ids.append(d["ids"])
+    return torch.from_numpy(np.concatenate(lats)), torch.from_numpy(np.concatenate(ids).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------- text + UNet
+
+
+def get_tokenizer(run_dir: Path):
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import build_tokenizer
+
+    folder = run_dir / "tokenizer"
+    if (folder / "vocab.json").exists():
+        return CLIPTokenizer.from_pretrained(folder)
+    return build_tokenizer(folder)
+
+
+def tokenize(tok, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+UNET_CONFIGS: dict[str, dict] = {
+    # channels per level (16x16, 8x8, 4x4); cross- and self-attention at 16x16 and 8x8 and in the mid block
+    "s": {"block_out_channels": (64, 128, 128), "layers_per_block": 1},
+    "m": {"block_out_channels": (96, 160, 192), "layers_per_block": 1},
+    "l": {"block_out_channels": (128, 192, 256), "layers_per_block": 2},
+}
+TEXT_DIM = 128
+
+
+def make_text_encoder(tok):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        projection_dim=TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_unet(size: str = "m"):
+    from diffusers import UNet2DConditionModel
+
+    c = UNET_CONFIGS[size]
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=c["block_out_channels"],
+        layers_per_block=c["layers_per_block"],
+        cross_attention_dim=TEXT_DIM,
+        # diffusers' legacy naming: for this UNet "attention_head_dim" is the number of heads
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def make_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE, prediction_type=PREDICTION_TYPE)
+    ddpm = DDPMScheduler(**common, clip_sample=False)
+    # "trailing" spacing starts sampling at t=999, where the cosine schedule is (almost) pure noise
+    ddim = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+                         steps_offset=1)  # steps_offset is unused by "trailing"; 1 silences a warning
+    return ddpm, ddim
+
+
+def time_unet_candidates(run_dir: Path, sizes=("s", "m", "l"), batch: int = 32, seconds: float = 25) -> dict:
+    """Measure training samples/s of each UNet size on one thread (random data, full fwd+bwd+step)."""
+    tok = get_tokenizer(run_dir)
+    res = {}
+    for size in sizes:
+        unet, te = make_unet(size), make_text_encoder(tok)
+        params = list(unet.parameters()) + list(te.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        x = torch.randn(batch, 4, 16, 16)
+        ids = torch.randint(0, len(tok), (batch, tok.model_max_length))
+        n, t0 = 0, None
+        while True:
+            if n == 2:
+                t0 = time.time()
+            enc = te(ids).last_hidden_state
+            out = unet(x, torch.randint(0, 1000, (batch,)), enc).sample
+            loss = out.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += 1
+            if t0 is not None and time.time() - t0 > seconds:
+                break
+        sps = (n - 2) * batch / (time.time() - t0)
+        res[size] = {"params_M": sum(p.numel() for p in unet.parameters()) / 1e6, "samples_per_s": sps}
+        log(run_dir, f"timing unet {size}: {res[size]}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def build_pipeline(vae, text_encoder, tok, unet):
+    from diffusers import StableDiffusionPipeline
+
+    _, ddim = make_schedulers()
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=ddim,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
+    """Save a standard SD folder (safetensors) + ``attnkit.json`` atomically (write to tmp, then swap)."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "attnkit.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+EVAL_SEED_START = 10_500_000  # held-out seeds used by the periodic evaluation (benchmarks use others)
+
+
+@torch.no_grad()
+def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16) -> dict:
+    """Generate ``n`` held-out prompts and score them with the checker (means over objects/images)."""
+    from .checker import read_image, score
+    from .scenes import spec_for_seed
+
+    keys = ("color", "shape", "count", "background", "fill")
+    tot = dict.fromkeys(keys, 0.0)
+    specs = [spec_for_seed(EVAL_SEED_START + i) for i in range(n)]
+    for i in range(0, n, batch):
+        chunk = specs[i : i + batch]
+        gens = [torch.Generator().manual_seed(EVAL_SEED_START + i + j) for j in range(len(chunk))]
+        imgs = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                    generator=gens, height=SIZE, width=SIZE).images
+        for img, spec in zip(imgs, chunk, strict=True):
+            r = score(read_image(img), spec)
+            for k in keys:
+                tot[k] += r[k]
+    res = {k: v / n for k, v in tot.items()}
+    res["mean"] = float(np.mean([res[k] for k in keys]))
+    return res
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+
+
+def train_unet(
+    run_dir: Path,
+    minutes: float,
+    n_scenes: int,
+    size: str = "s",
+    batch: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every_min: float = 12.0,
+    eval_n: int = 32,
+    guidances: tuple[float, ...] = (1.5, 2.5),
+    export_dir: Path = DEFAULT_EXPORT,
+    total_steps: int | None = None,
+) -> None:
+    """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable)."""
+    from safetensors.torch import load_file, save_file
+
+    tok = get_tokenizer(run_dir)
+    vae = load_vae(run_dir)
+    sf = vae.config.scaling_factor
+    latents, ids = load_latents(run_dir, n_scenes)
+    n_data = len(latents)
+    empty_ids = tokenize(tok, [""])[0]
+    torch.manual_seed(seed)
+    unet, te = make_unet(size), make_text_encoder(tok)
+    ddpm, _ = make_schedulers()
+    names = [f"unet.{k}" for k, _ in unet.named_parameters()] + [f"te.{k}" for k, _ in te.named_parameters()]
+    params = [p for _, p in unet.named_parameters()] + [p for _, p in te.named_parameters()]
+    decay_params = [p for p in params if p.ndim >= 2]
+    other_params = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": 0.01},
+                             {"params": other_params, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    state = {"step": 0, "total_steps": total_steps, "best": -1.0, "seconds": 0.0, "samples": 0,
+             "history": []}
+    ck = run_dir / "ckpt"
+    if (ck / "weights.safetensors").exists():
+        w = load_file(ck / "weights.safetensors")
+        e = load_file(ck / "ema.safetensors")
+        with torch.no_grad():
+            for name, p, q in zip(names, params, ema, strict=True):
+                p.copy_(w[name])
+                q.copy_(e[name])
+        st = torch.load(run_dir / "unet_state.pt", weights_only=False)
+        opt.load_state_dict(st["opt"])
+        state = st["state"]
+        log(run_dir, f"unet: resumed at step {state['step']}")
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_te = sum(p.numel() for p in te.parameters())
+    log(run_dir, f"unet[{size}]: {n_unet / 1e6:.2f}M params, text encoder {n_te / 1e6:.2f}M, data {n_data}, "
+                 f"batch {batch}, lr {lr}, {minutes} min")
+    alphas = ddpm.alphas_cumprod
+
+    def save_ckpt() -> None:
+        ck.mkdir(exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in zip(names, params, strict=True)}, ck / "weights.tmp")
+        save_file({n: q.contiguous() for n, q in zip(names, ema, strict=True)}, ck / "ema.tmp")
+        torch.save({"opt": opt.state_dict(), "state": state}, run_dir / "unet_state.tmp")
+        os.replace(ck / "weights.tmp", ck / "weights.safetensors")
+        os.replace(ck / "ema.tmp", ck / "ema.safetensors")
+        os.replace(run_dir / "unet_state.tmp", run_dir / "unet_state.pt")
+
+    def evaluate_and_export() -> None:
+        # swap EMA weights in, evaluate, export if better, swap back
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, q in zip(params, ema, strict=True):
+                p.copy_(q)
+        unet.eval()
+        te.eval()
+        try:
+            pipe = build_pipeline(vae, te, tok, unet)
+            pipe.set_progress_bar_config(disable=True)
+            results = {g: quick_eval(pipe, eval_n, g) for g in guidances}
+            best_g = max(results, key=lambda g: results[g]["mean"])
+            entry = {"step": state["step"], "samples": state["samples"], "minutes": state["seconds"] / 60,
+                     **{f"g{g}": r for g, r in results.items()}}
+            state["history"].append(entry)
+            log(run_dir, f"eval step {state['step']}: " + "; ".join(
+                f"g={g}: " + " ".join(f"{k} {v:.2f}" for k, v in r.items()) for g, r in results.items()))
+            if results[best_g]["mean"] > state["best"]:
+                state["best"] = results[best_g]["mean"]
+                defaults = {"guidance_scale": best_g, "num_inference_steps": 25, "height": SIZE, "width": SIZE}
+                info = {"step": state["step"], "samples_seen": state["samples"],
+                        "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
+                        "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed}
+                export_model(pipe, export_dir, defaults, info)
+                log(run_dir, f"exported to {export_dir} (mean {state['best']:.3f}, guidance {best_g})")
+        except Exception as exc:  # an evaluation bug must not kill hours of training
+            import traceback
+
+            log(run_dir, f"eval/export failed: {exc!r}\n{traceback.format_exc()}")
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+            unet.train()
+            te.train()
+
+    t_start = time.time()
+    end = t_start + minutes * 60
+    last_eval = last_ckpt = time.time()
+    unet.train()
+    te.train()
+    losses: list[float] = []
+    t_log = time.time()
+    while time.time() < end:
+        step = state["step"]
+        if state["total_steps"] is None and step >= 30:
+            # fix the cosine length once the speed is known: steps that fit into the time budget
+            rate = step / max(state["seconds"], 1e-6)
+            state["total_steps"] = int(rate * minutes * 60 * 0.93)  # ~7% goes to evaluation
+            log(run_dir, f"unet: total_steps set to {state['total_steps']}")
+        total = state["total_steps"] or 10**9
+        warm = min(1.0, (step + 1) / 300)
+        frac = min(1.0, step / total)
+        cur_lr = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        # data order: a fresh permutation per epoch, so resuming continues the same sequence
+        first = step * batch
+        epoch, pos = divmod(first, n_data)
+        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        idx = perm[pos : pos + batch]
+        if len(idx) < batch:
+            perm2 = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
+            idx = torch.cat([idx, perm2[: batch - len(idx)]])
+        x0 = latents[idx].float() * sf
+        tids = ids[idx].clone()
+        drop = torch.rand(batch, generator=gen) < 0.1  # caption dropout -> classifier-free guidance
+        tids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+        a = alphas[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        v = a * noise - s * x0
+        enc = te(tids).last_hidden_state
+        pred = unet(xt, t, enc).sample
+        loss = F.mse_loss(pred, v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema, params, min(0.999, (1 + step) / (10 + step)))
+        state["step"] = step + 1
+        state["samples"] += batch
+        losses.append(loss.item())
+        now = time.time()
+        state["seconds"] += now - t_log
+        t_log = now
+        if state["step"] % 50 == 0:
+            state["last_loss"] = float(np.mean(losses[-50:]))
+            log(run_dir, f"step {state['step']} loss {state['last_loss']:.4f} lr {cur_lr:.2e} "
+                         f"{state['samples'] / state['seconds']:.1f} samples/s, {state['samples']} seen")
+        if now - last_ckpt > 300:
+            save_ckpt()
+            last_ckpt = now
+        if now - last_eval > eval_every_min * 60:
+            evaluate_and_export()
+            last_eval = t_log = time.time()
+    evaluate_and_export()
+    save_ckpt()
+    log(run_dir, f"unet: stopped at step {state['step']} ({state['samples']} samples, "
+                 f"{state['seconds'] / 60:.1f} train min), best eval mean {state['best']:.3f}")
+
+
+def train(
+    run_dir: str | Path = "runs/bundled",
+    minutes: float = 90.0,
+    vae_minutes: float = 8.0,
+    n_scenes: int = 100_000,
+    size: str = "s",
+    batch: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    export_dir: str | Path = DEFAULT_EXPORT,
+    end_at: float | None = None,
+) -> None:
+    """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
+
+    Usage: ``train("runs/bundled", minutes=90)``; ``minutes`` is the UNet's budget for this call, or, with
+    ``end_at`` (a unix time), the UNet trains until then.
+    """
+    torch.set_num_threads(1)  # one thread: two threads on the shared 2-core box were up to 10x slower
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_vae(run_dir, vae_minutes, seed=seed)
+    encode_scenes(run_dir, n_scenes)
+    if end_at is not None:
+        minutes = (end_at - time.time()) / 60
+    train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train attnkit's bundled shapes-world model (CPU).")
+    p.add_argument("--run-dir", default="runs/bundled")
+    p.add_argument("--minutes", type=float, default=90.0, help="UNet training budget for this call")
+    p.add_argument("--vae-minutes", type=float, default=8.0)
+    p.add_argument("--n-scenes", type=int, default=100_000)
+    p.add_argument("--size", default="s", choices=sorted(UNET_CONFIGS))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-dir", default=str(DEFAULT_EXPORT))
+    p.add_argument("--end-at", type=float, default=None, help="unix time at which UNet training stops")
+    a = p.parse_args(argv)
+    train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
+          a.end_at)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,169 @@
+"""Prompt-to-Prompt in one call: a source prompt, a series of edited prompts, one shared noise, one batch.
+
+    result = attnkit.edit(pipe, "a lemon cake", ["a chocolate cake", "a beet cake", "a lego cake"],
+                          seed=8888, cross=0.8, self=0.4, blend=["cake"], reweight={"lego": 2.0})
+    result.source.save("source.png"); result.edits[2].save("lego.png")
+    result.word_maps(3)["lego"]            # the lego cake's cross-attention map of "lego"
+
+The batch is ``[source, *targets]`` sampled together from one initial noise, so the source image is exactly
+what plain generation of the source prompt gives (its rows are never edited).
+
+Real images (inversion): pass the inverted starting latent as ``latents`` (one row, shared by every prompt)
+and, for null-text inversion, the optimised unconditional embeddings as ``uncond_embeddings`` (one
+``(1, L, D)`` tensor per step, or a ``(steps, 1, L, D)`` tensor): step 0's goes in as the pipeline's negative
+prompt embedding, step ``i + 1``'s is swapped in after step ``i`` through ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from attnkit.controllers.p2p import CrossSchedule, LocalBlend, Refine, Replace, Reweight, Window
+from attnkit.engine import AttnkitError, Controller
+from attnkit.sampling import Generation, generate
+from attnkit.store import AttentionStore
+
+EditKind = Literal["auto", "replace", "refine"]
+
+
+@dataclass
+class EditResult:
+    """What :func:`edit` returns: the images (source first), the maps of every prompt, the settings used."""
+
+    images: list[Any]
+    prompts: list[str]
+    store: AttentionStore | None
+    latents: torch.Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
+    generation: Generation | None = None
+
+    @property
+    def source(self) -> Any:
+        return self.images[0]
+
+    @property
+    def edits(self) -> list[Any]:
+        return self.images[1:]
+
+    def word_maps(self, index: int) -> dict[str, torch.Tensor]:
+        """``{word: (H, W) map}`` of prompt ``index`` (0 = source), averaged over steps and layers."""
+        if self.store is None:
+            raise AttnkitError("this edit ran with maps=False: no attention maps were stored")
+        return self.store.word_maps(self.prompts[index], row=index)
+
+    def maps(self) -> list[dict[str, torch.Tensor]]:
+        """Word maps of every prompt, source first."""
+        return [self.word_maps(i) for i in range(len(self.prompts))]
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-ready record of the edit (prompts, seed, schedules, blend, weights, ...)."""
+        return {"prompts": self.prompts, **self.settings}
+
+
+def _choose_kind(kind: str, source: str, targets: Sequence[str]) -> str:
+    if kind not in ("auto", "replace", "refine"):
+        raise AttnkitError(f"kind={kind!r}: use 'replace' (word swap), 'refine' (words added/removed) or 'auto'")
+    if kind != "auto":
+        return kind
+    words = len(source.split())
+    return "replace" if all(len(t.split()) == words for t in targets) else "refine"
+
+
+def _uncond_list(uncond: Any, steps: int) -> list[torch.Tensor]:
+    items = list(uncond.unbind(0)) if isinstance(uncond, torch.Tensor) else list(uncond)
+    if len(items) != steps:
+        raise AttnkitError(f"uncond_embeddings has {len(items)} entries for {steps} steps: pass one per step")
+    return [e if e.dim() == 3 else e.unsqueeze(0) for e in items]
+
+
+def build_controllers(tokenizer: Any, prompts: Sequence[str], *, kind: EditKind = "auto",
+                      cross: CrossSchedule = 0.8, self: Window = 0.4, self_res: int | float = 16,  # noqa: A002
+                      blend: Sequence[str] | Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3,
+                      blend_start: float = 0.0, subtract: Sequence[str] | None = None,
+                      reweight: dict[str, float] | None = None, blend_res: int | None = None) -> list[Controller]:
+    """The controllers of one edit, in the order they must run: Replace/Refine, Reweight, LocalBlend.
+
+    Every argument is validated here, before anything touches the pipeline.
+    ``build_controllers(pipe.tokenizer, ["a lemon cake", "a lego cake"], reweight={"lego": 2.0})``
+    """
+    chosen = _choose_kind(kind, prompts[0], prompts[1:])
+    edit_cls = Replace if chosen == "replace" else Refine
+    controllers: list[Controller] = [edit_cls(prompts, tokenizer, cross_steps=cross, self_steps=self,
+                                              self_res=self_res)]
+    if reweight:
+        controllers.append(Reweight(prompts, tokenizer, reweight, cross_steps=cross))
+    if blend:
+        controllers.append(LocalBlend(prompts, tokenizer, blend, threshold=blend_threshold, start=blend_start,
+                                      subtract=subtract, res=blend_res))
+    elif subtract:
+        raise AttnkitError("subtract words need blend words too: pass blend=[...] with subtract=[...]")
+    return controllers
+
+
+def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0, kind: EditKind = "auto",
+         cross: CrossSchedule = 0.8, self: Window = 0.4, self_res: int | float = 16,  # noqa: A002
+         blend: Sequence[str] | Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3,
+         blend_start: float = 0.0, subtract: Sequence[str] | None = None, blend_res: int | None = None,
+         reweight: dict[str, float] | None = None, steps: int | None = None, guidance: float | None = None,
+         height: int | None = None, width: int | None = None, maps: bool = True, maps_res: int | None = None,
+         latents: torch.Tensor | None = None, uncond_embeddings: Any = None, progress: bool = True) -> EditResult:
+    """Edit the image of ``source`` into each of ``targets`` with Prompt-to-Prompt, in one batch.
+
+    Usage: ``edit(pipe, "a lemon cake", ["a chocolate cake", "a lego cake"], seed=8888, blend=["cake"])``
+
+    Args:
+        kind: ``"replace"`` (word swap: same word count), ``"refine"`` (words added/removed) or ``"auto"``
+            (replace when every target has the source's word count, else refine).
+        cross: cross-attention replacement: a fraction ``0.8``, a ``(start, end)`` pair, or
+            ``{"default_": 0.8, "word": 0.3}`` per word of the targets (see :func:`attnkit.controllers.cross_alpha`).
+        self: self-attention replacement: a fraction or ``(start, end)``; ``self_res`` the largest grid side it
+            touches (the paper's 16; a float in (0, 1) is a fraction of the latent side).
+        blend: words whose region may change (local blend); everything else is kept from the source.
+            ``blend_threshold``, ``blend_start`` (fraction of steps), ``subtract`` words, ``blend_res`` (grid).
+        reweight: ``{word: factor}`` scaling the targets' attention to words (negative allowed).
+        maps: store cross-attention maps of every prompt in the same pass (``maps_res``: one grid side, or
+            ``None`` for all grids).
+        latents: the starting latent (e.g. from inversion): one row, or one per prompt.
+        uncond_embeddings: per-step unconditional embeddings (null-text inversion), see the module docstring.
+    """
+    target_list = [targets] if isinstance(targets, str) else list(targets)
+    if not target_list:
+        raise AttnkitError("no target prompt given: pass at least one edited prompt")
+    prompts = [source, *target_list]
+    controllers = build_controllers(pipe.tokenizer, prompts, kind=kind, cross=cross, self=self, self_res=self_res,
+                                    blend=blend, blend_threshold=blend_threshold, blend_start=blend_start,
+                                    subtract=subtract, reweight=reweight, blend_res=blend_res)
+    store = AttentionStore(kinds=("cross",), res=maps_res) if maps else None
+    if store is not None:
+        controllers.append(store)  # last: it records the maps as edited
+    extra: dict[str, Any] = {}
+    if latents is not None:
+        if latents.dim() != 4 or latents.shape[0] not in (1, len(prompts)):
+            raise AttnkitError(f"latents must have shape (1 or {len(prompts)}, C, h, w), got {tuple(latents.shape)}")
+        latents = latents.expand(len(prompts), -1, -1, -1).clone()
+    if uncond_embeddings is not None:
+        if hasattr(pipe, "text_encoder_2"):
+            raise AttnkitError("uncond_embeddings (null-text inversion) are supported for SD 1.x/2.x pipelines")
+        from attnkit.models import defaults_for
+
+        n = int(steps or defaults_for(pipe).num_inference_steps)
+        embeds = _uncond_list(uncond_embeddings, n)
+        extra["negative_prompt_embeds"] = embeds[0].expand(len(prompts), -1, -1)
+        from attnkit.inversion import UncondSchedule
+
+        controllers.append(UncondSchedule(embeds))
+    gen = generate(pipe, prompts, *controllers, seed=seed, steps=steps, guidance=guidance, height=height,
+                   width=width, latents=latents, progress=progress, **extra)
+    settings = {
+        "kind": type(controllers[0]).__name__.lower(), "seed": seed, "steps": gen.steps, "guidance": gen.guidance,
+        "height": gen.height, "width": gen.width, "cross": cross, "self": self, "self_res": self_res,
+        "blend": blend, "blend_threshold": blend_threshold, "blend_start": blend_start, "subtract": subtract,
+        "blend_res": blend_res, "reweight": reweight, "inverted_latents": latents is not None,
+        "null_text": uncond_embeddings is not None, "seconds": round(gen.seconds, 3),
+    }
+    return EditResult(images=gen.images, prompts=prompts, store=store, latents=gen.latents, settings=settings,
+                      generation=gen)

@@ -1,0 +1,31 @@
+"""Tests of the shapes-world CLIP tokenizer."""
+
+from transformers import CLIPTokenizer
+
+from attnkit.bundled.scenes import VOCABULARY, render_scene
+from attnkit.bundled.tokenizer import MODEL_MAX_LENGTH, SPLIT_WORDS, build_tokenizer
+
+
+def test_round_trip_and_vocabulary(tmp_path):
+    build_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert tok.model_max_length == MODEL_MAX_LENGTH
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    unk = tok.convert_tokens_to_ids(tok.unk_token)
+    for w in VOCABULARY:
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert unk not in ids, w
+        assert len(ids) == (len(SPLIT_WORDS[w]) if w in SPLIT_WORDS else 1), (w, tok.tokenize(w))
+    for seed in range(10_000_000, 10_000_050):
+        cap = render_scene(seed).caption
+        ids = tok(cap, padding="max_length", max_length=tok.model_max_length).input_ids
+        assert len(ids) == MODEL_MAX_LENGTH and ids[0] == tok.bos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == cap
+
+
+def test_multi_token_word_exists(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    assert len(tok.tokenize("outlined")) == 2
+    assert len(tok.tokenize("background")) == 2
+    longest = "a purple outlined triangle and a yellow outlined diamond and a green outlined square on a grey background"
+    assert len(tok(longest).input_ids) <= MODEL_MAX_LENGTH

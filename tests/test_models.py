@@ -1,0 +1,114 @@
+"""load_pipeline: local folders offline, dtype names, pipelines passed through, clear errors; defaults_for."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnkit import AttnkitError, ModelDefaults, defaults_for, load_pipeline
+from attnkit import models as models_module
+from attnkit.models import parse_dtype
+from attnkit.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline("sd")
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def test_loads_a_local_folder_offline(saved, monkeypatch):
+    original, folder = saved
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline(folder)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.safety_checker is None  # the folder has none; loading must not complain or add one
+    for name, tensor in original.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], tensor), name
+    assert pipe.unet.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, expected", [("fp16", torch.float16), ("bfloat16", torch.bfloat16),
+                                            ("float32", torch.float32), (torch.float16, torch.float16)])
+def test_dtype_names(saved, name, expected):
+    assert parse_dtype(name) is expected
+    pipe = load_pipeline(saved[1], dtype=name)
+    assert pipe.unet.dtype == expected and pipe.text_encoder.dtype == expected
+
+
+def test_unknown_dtype_and_device_are_explained(saved):
+    with pytest.raises(AttnkitError, match="unknown dtype 'int8'"):
+        load_pipeline(saved[1], dtype="int8")
+    with pytest.raises(AttnkitError, match="not usable"):
+        load_pipeline(saved[1], device="no-such-device")
+
+
+def test_pipeline_object_passes_through(saved):
+    pipe = tiny_pipeline("sd")
+    assert load_pipeline(pipe) is pipe
+    moved = load_pipeline(pipe, dtype="fp16", device="cpu")
+    assert moved is pipe and pipe.unet.dtype == torch.float16
+
+
+def test_folder_that_is_not_a_pipeline(saved, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(AttnkitError, match="not a diffusers pipeline folder"):
+        load_pipeline(tmp_path)
+    with pytest.raises(AttnkitError, match="not a diffusers pipeline folder"):
+        load_pipeline(saved[1] / "unet")  # a model folder, not a pipeline
+    with pytest.raises(AttnkitError, match="is not a folder"):
+        load_pipeline(tmp_path / "missing" / "folder")
+
+
+def test_unreachable_hub_id_with_hf_hub_offline(tmp_path):
+    # The hub library reads HF_HUB_OFFLINE when imported, so this runs in a fresh interpreter.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    code = ("from attnkit import load_pipeline\n"
+            "try:\n    load_pipeline('attnkit-tests/no-such-model')\n"
+            "except Exception as e:\n    print(type(e).__name__, '|', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("AttnkitError |"), out.stdout + out.stderr
+    for hint in ("no-such-model", "no network", "HF_HUB_OFFLINE", "local folder"):
+        assert hint in out.stdout
+
+
+def test_missing_bundled_model_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(models_module, "BUNDLED_MODEL", tmp_path / "model")
+    with pytest.raises(AttnkitError, match="bundled model is missing"):
+        load_pipeline()
+
+
+def test_defaults_from_attnkit_json(saved, tmp_path):
+    pipe, folder = saved
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert defaults_for(pipe) == ModelDefaults(7.5, 50, side, side)  # no folder: Stable Diffusion's
+    copy = tmp_path / "with-defaults"
+    pipe.save_pretrained(copy)
+    (copy / "attnkit.json").write_text(json.dumps({"guidance_scale": 1.5, "num_inference_steps": 25,
+                                                   "comment": "unknown keys are ignored"}))
+    loaded = load_pipeline(copy)
+    assert defaults_for(loaded) == ModelDefaults(1.5, 25, side, side)
+
+
+@pytest.mark.skipif(not (models_module.BUNDLED_MODEL / "model_index.json").is_file(),
+                    reason="the bundled model has not been exported yet")
+def test_bundled_model_loads_with_its_defaults():
+    pipe = load_pipeline()
+    defaults = defaults_for(pipe)
+    assert defaults.guidance_scale < 7.5  # the bundled model samples with a low guidance scale
+    assert hasattr(pipe, "unet") and hasattr(pipe, "tokenizer")
+
+
+def test_loads_an_sdxl_folder(tmp_path):
+    original = tiny_pipeline("sdxl")
+    original.save_pretrained(tmp_path / "xl")
+    pipe = load_pipeline(tmp_path / "xl", dtype="bf16")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder_2.dtype == torch.bfloat16
+    assert pipe.unet.config.addition_embed_type == "text_time"

@@ -1,0 +1,101 @@
+"""Pictures: overlays put the heat where the map has it, strips and grids lay tiles out, PNGs keep metadata."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnkit import image_grid, map_grid, overlay, read_png_metadata, save_png, word_strip
+from attnkit.viz import MIN_SIDE, colorize, enlarge, normalize
+
+
+def grey(size=64):
+    return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+def hot_corner(res=16):
+    m = torch.zeros(res, res)
+    m[: res // 4, : res // 4] = 3.0  # hot top-left corner, cold elsewhere
+    return m
+
+
+def test_normalize_per_map():
+    m = normalize(torch.tensor([[2.0, 4.0], [6.0, 10.0]]))
+    assert float(m.min()) == 0.0 and float(m.max()) == 1.0
+    assert torch.equal(normalize(torch.full((4, 4), 7.0)), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        normalize(torch.zeros(2, 3, 4))
+
+
+def test_overlay_puts_heat_where_the_map_is():
+    image = grey()
+    full = overlay(image, hot_corner(), cmap="jet", alpha=1.0)
+    assert full.size == image.size
+    hot, cold = np.asarray(full)[4, 4], np.asarray(full)[60, 60]
+    assert hot[0] > 100 and hot[2] < 30  # jet's top is red
+    assert cold[2] > 100 and cold[0] < 30  # jet's bottom is blue
+    # alpha = 0 leaves the image as it was; alpha in between blends.
+    assert np.array_equal(np.asarray(overlay(image, hot_corner(), alpha=0.0)), np.asarray(image))
+    half = np.asarray(overlay(image, hot_corner(), alpha=0.5)).astype(int)
+    expected = (np.asarray(full).astype(int) + 128) / 2
+    assert np.abs(half - expected).max() <= 1
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, hot_corner(), alpha=2.0)
+
+
+def test_colorize_uses_the_named_colormap():
+    viridis = np.asarray(colorize(hot_corner(), "viridis"))
+    jet = np.asarray(colorize(hot_corner(), "jet"))
+    assert viridis.shape == jet.shape == (16, 16, 3)
+    assert not np.array_equal(viridis, jet)
+    with pytest.raises(ValueError, match="colormap"):
+        colorize(hot_corner(), "no-such-map")
+
+
+def test_small_images_are_enlarged_with_whole_factors():
+    big = enlarge(grey(64))
+    assert big.size == (MIN_SIDE, MIN_SIDE)
+    assert enlarge(grey(300)).size == (300, 300)
+
+
+def test_word_strip_has_one_captioned_tile_per_word():
+    maps = {"red": hot_corner(), "circle": hot_corner().flip(0), "background": torch.ones(16, 16)}
+    with_image = word_strip(grey(), maps)
+    without = word_strip(grey(), maps, include_image=False)
+    assert with_image.height == without.height > MIN_SIDE  # tiles of >= 256 px plus a caption line
+    tile = (with_image.width - without.width)  # one tile (plus padding) more
+    assert with_image.width == pytest.approx(4 * tile, abs=8)
+    caption_band = np.asarray(without)[MIN_SIDE + 6:, : tile]
+    assert (caption_band < 100).any()  # the word is written under its tile
+    with pytest.raises(ValueError):
+        word_strip(grey(), {})
+
+
+def test_image_grid_layout_and_captions():
+    images = [grey(64) for _ in range(5)]
+    one_row = image_grid(images)
+    two_cols = image_grid(images, captions=list("abcde"), cols=2)
+    assert one_row.width > one_row.height
+    assert two_cols.height > two_cols.width  # 3 rows of 2
+    with pytest.raises(ValueError, match="captions"):
+        image_grid(images, captions=["a"])
+
+
+def test_map_grid_of_components():
+    grid = map_grid(torch.randn(6, 8, 8), captions=[f"c{i}" for i in range(6)], cols=3)
+    assert grid.width > grid.height and grid.width >= 3 * MIN_SIDE
+    over = map_grid(torch.randn(2, 8, 8), image=grey(), cols=2)
+    assert over.height >= MIN_SIDE
+
+
+def test_png_metadata_round_trip(tmp_path):
+    meta = {"prompt": "a café in the rain ☔", "seed": 8888, "settings": {"steps": 50, "guidance": 7.5}}
+    path = save_png(grey(), tmp_path / "sub" / "image.png", meta)
+    assert read_png_metadata(path) == meta
+    with Image.open(path) as im:
+        assert im.text["prompt"] == meta["prompt"]  # readable by any PNG tool, key by key
+        assert im.text["seed"] == "8888"
+    grey().save(tmp_path / "plain.png")
+    assert read_png_metadata(tmp_path / "plain.png") == {}
+    with pytest.raises(ValueError, match="png"):
+        save_png(grey(), tmp_path / "image.jpg", meta)
