@@ -73,7 +73,9 @@ def _changed(reading: Any, attribute: str, old: str, new: str, color: str) -> bo
 
 
 def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, self_: float,
-            blend: bool) -> dict[str, float]:
+            blend: bool = True) -> dict[str, float]:
+    """Mean object-mask IoU with the source image and attribute-changed rate, per variant: ``p2p`` (cross and
+    self replacement), ``blend`` (the same + local blend on the swapped words), ``free`` (no control)."""
     from attnkit.bundled.checker import read_image
     from attnkit.bundled.scenes import HELDOUT_SEED_START, spec_for_seed
     from attnkit.edit import edit
@@ -91,25 +93,25 @@ def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, sel
             continue
         target_spec, old, new = swapped
         source, target = spec.caption, target_spec.caption
-        # local blend on the swapped words (old in the source, new in the target) when asked for
-        result = edit(pipe, source, [target], seed=seed, cross=cross, self=self_, maps=False, progress=False,
-                      blend=[old, new] if blend else None)
-        free = generate(pipe, [target], seed=seed, progress=False).images[0]
-        src_r, edit_r, free_r = (read_image(im) for im in (result.source, result.edits[0], free))
+        result = edit(pipe, source, [target], seed=seed, cross=cross, self=self_, maps=False, progress=False)
+        images = {"p2p": result.edits[0], "free": generate(pipe, [target], seed=seed, progress=False).images[0]}
+        if blend:  # local blend on the swapped words: the old one in the source, the new one in the target
+            images["blend"] = edit(pipe, source, [target], seed=seed, cross=cross, self=self_, blend=[old, new],
+                                   maps=False, progress=False).edits[0]
         shape = np.asarray(result.source).shape[:2]
-        src_fg = _foreground(src_r, shape)
+        src_fg = _foreground(read_image(result.source), shape)
         if not src_fg.any():  # the model drew no readable object: no layout to preserve
             skipped += 1
             if skipped > 3 * seeds:
                 raise RuntimeError("the model draws no readable object in most scenes; is it trained?")
             continue
         color = spec.objects[0].color if attribute == "shape" else new
-        rows.append({
-            "iou_controlled": _iou(src_fg, _foreground(edit_r, shape)),
-            "iou_free": _iou(src_fg, _foreground(free_r, shape)),
-            "changed_controlled": float(_changed(edit_r, attribute, old, new, color)),
-            "changed_free": float(_changed(free_r, attribute, old, new, color)),
-        })
+        row = {}
+        for name, image in images.items():
+            reading = read_image(image)
+            row[f"iou_{name}"] = _iou(src_fg, _foreground(reading, shape))
+            row[f"changed_{name}"] = float(_changed(reading, attribute, old, new, color))
+        rows.append(row)
     return {key: statistics.fmean(r[key] for r in rows) for key in rows[0]} | {"n": len(rows), "skipped": skipped}
 
 
@@ -202,41 +204,50 @@ def speed(size: int, steps: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="30 seeds, 128 px, 3 steps, 2 repeats (< 5 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="colour row only (30 scenes); speed at 128 px, 3 steps, 2 repeats")
     parser.add_argument("--seeds", type=int, default=60)
+    parser.add_argument("--shape-seeds", type=int, default=None, help="scenes of the shape-swap row "
+                        "(default: --seeds; 0 skips it)")
     parser.add_argument("--seed-start", type=int, default=0, help="offset into the held-out seeds")
     parser.add_argument("--size", type=int, default=256, help="image side for the speed test")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps for the speed test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cross", type=float, default=0.8)
     parser.add_argument("--self", dest="self_", type=float, default=0.4)
-    parser.add_argument("--blend", action="store_true", help="also use local blend on the swapped words")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.size, args.steps, args.repeats = 30, 128, 3, 2
+        args.seeds, args.shape_seeds, args.size, args.steps, args.repeats = 30, 0, 128, 3, 2
     torch.set_num_threads(args.threads)
     summary: dict[str, Any] = {}
 
     if (MODEL_DIR / "model_index.json").is_file():
         print(f"(a) quality on the bundled model, {args.seeds} held-out scenes per row, cross {args.cross}, "
               f"self {args.self_}")
-        print(f"{'edit':<14}{'IoU P2P':>10}{'IoU free':>10}{'changed P2P':>13}{'changed free':>14}")
+        print(f"{'edit':<12}{'IoU P2P':>9}{'+blend':>8}{'free':>7}{'changed P2P':>13}{'+blend':>8}{'free':>7}")
         from attnkit.models import load_pipeline
 
         pipe = load_pipeline(str(MODEL_DIR))
-        for attribute in ("color", "shape"):
-            q = quality(pipe, attribute, args.seeds, args.seed_start, args.cross, args.self_, blend=args.blend)
-            print(f"{attribute + ' swap':<14}{q['iou_controlled']:>10.3f}{q['iou_free']:>10.3f}"
-                  f"{q['changed_controlled']:>13.3f}{q['changed_free']:>14.3f}   (n={q['n']}, "
-                  f"{q['skipped']} scenes skipped: no object in the source image)")
+        pipe.set_progress_bar_config(disable=True)
+        shape_seeds = args.seeds if args.shape_seeds is None else args.shape_seeds
+        for attribute, count in (("color", args.seeds), ("shape", shape_seeds)):
+            if count <= 0:
+                continue
+            q = quality(pipe, attribute, count, args.seed_start, args.cross, args.self_)
+            print(f"{attribute + ' swap':<12}{q['iou_p2p']:>9.3f}{q['iou_blend']:>8.3f}{q['iou_free']:>7.3f}"
+                  f"{q['changed_p2p']:>13.3f}{q['changed_blend']:>8.3f}{q['changed_free']:>7.3f}"
+                  f"   (n={q['n']}; {q['skipped']} skipped: no object in the source image)")
             prefix = "" if attribute == "color" else "shape_"
-            summary.update({f"{prefix}layout_iou_controlled": round(q["iou_controlled"], 4),
+            summary.update({f"{prefix}layout_iou_controlled": round(q["iou_p2p"], 4),
+                            f"{prefix}layout_iou_blend": round(q["iou_blend"], 4),
                             f"{prefix}layout_iou_free": round(q["iou_free"], 4),
-                            f"{prefix}attribute_changed": round(q["changed_controlled"], 4),
+                            f"{prefix}attribute_changed": round(q["changed_p2p"], 4),
+                            f"{prefix}attribute_changed_blend": round(q["changed_blend"], 4),
                             f"{prefix}attribute_changed_free": round(q["changed_free"], 4)})
         summary["quality_scenes"] = args.seeds
+        summary["shape_quality_scenes"] = shape_seeds
     else:
         print(f"(a) quality skipped: the bundled model is not there yet ({MODEL_DIR}/model_index.json)")
         summary.update(layout_iou_controlled=None, layout_iou_free=None, attribute_changed=None)

@@ -245,8 +245,10 @@ def test_cli_invert_writes_everything_or_nothing(tmp_path):
                                "--out", str(tmp_path / "long"), "--quiet", "--threads", "1"])
     assert long.exit_code == 2 and not (tmp_path / "long").exists()
     good = runner.invoke(app, ["invert", str(image), "--prompt", PROMPT, "--model", "tiny", "--steps", "2",
-                               "--inner-steps", "1", "--out", str(tmp_path / "good"), "--quiet", "--threads", "1"])
+                               "--inner-steps", "1", "--lr", "0.05", "--out", str(tmp_path / "good"), "--quiet",
+                               "--threads", "1"])
     assert good.exit_code == 0, good.output
     record = json.loads((tmp_path / "good" / "record.json").read_text())
     assert record["method"] == "null-text" and record["inner_steps"] == [1, 1]
+    assert record["null_text"]["lr"] == 0.05 and record["psnr_reconstruction"] > 0
     assert Inversion.load(tmp_path / "good").steps == 2

@@ -231,7 +231,7 @@ def _ddim_invert(pipe: Any, x0: torch.Tensor, text: TextConditioning, scheduler:
                  progress: bool) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    latents = [x0.float()]
+    latents = [x0.to(pipe.unet.device, torch.float32)]
     x = latents[0]
     for t in tqdm(scheduler.timesteps.flip(0).tolist(), desc="DDIM inversion", disable=not progress):
         output = _guided(pipe, text, x, t, guidance, text.uncond, text.uncond_pooled)
@@ -269,11 +269,12 @@ def _null_text(pipe: Any, trajectory: torch.Tensor, text: TextConditioning, sche
     # Gradients of a ~1e-5 loss underflow in half precision: scale the loss, unscale the float32 gradient.
     scale = 2.0**14 if half else 1.0
     uncond = text.uncond.detach().float().clone()  # float32 master copy, whatever the pipeline's dtype
-    x = trajectory[-1:].float()
+    trajectory = trajectory.to(pipe.unet.device, torch.float32)
+    x = trajectory[-1:]
     embeddings, used, losses = [], [], []
     bar = tqdm(scheduler.timesteps.tolist(), desc="null-text inversion", disable=not progress)
     for i, t in enumerate(bar):
-        target = trajectory[steps - i - 1 : steps - i].float()
+        target = trajectory[steps - i - 1 : steps - i]
         with torch.no_grad():
             out_c = _predict(pipe, text, x, t, text.cond, text.pooled)
         lr = options.lr * max(0.0, 1.0 - i / options.lr_horizon)

@@ -119,9 +119,11 @@ class OracleProcessor:
 
 
 def oracle_run(pipe, prompts, *, edit="replace", cross=0.8, self_steps=0.4, self_res=16, weights=None,
-               blend=None, subtract=None, start=0.0, blend_side=8, th=0.3, sub_th=0.3):
+               blend=None, subtract=None, start=0.0, blend_side=None, th=0.3, sub_th=0.3):
     tok, P, N = pipe.tokenizer, len(prompts), STEPS
     targets = prompts[1:]
+    # the grid local blend reads by default: 16x16 maps where the UNet has them (SD-like), else 8x8 (SDXL-like)
+    blend_side = blend_side or (16 if "CrossAttn" in pipe.unet.config.down_block_types[0] else 8)
     alpha = oracle_alpha(tok, targets, cross, N)
     if edit == "replace":
         mappers = [oracle_swap_mapper(tok, prompts[0], t) for t in targets]

@@ -354,9 +354,9 @@ class LocalBlend(Controller):
     Blending starts at step ``int(start · N)``.
 
     ``words`` is one list for all prompts (each word used where the prompt has it) or one list per prompt.
-    ``res`` picks the attention grid (side length); ``None`` takes the cross-attention grid nearest to a
-    quarter of the latent side (16x16 for SD at 512 px, as the paper; 32x32 for SDXL at 1024 px), so no layer
-    indices are tied to one model. Differences from the official code (deliberate): it reads hard-coded layer
+    ``res`` picks the attention grid (side length); ``None`` takes the largest cross-attention grid of at most
+    ``max(16, latent side / 4)`` (16x16 for SD at 512 px, as the paper; 32x32 for SDXL at 1024 px; 16x16 for
+    the bundled model), so no layer indices are tied to one model. Differences from the official code (deliberate): it reads hard-coded layer
     indices of SD1.x at 512 px and, with more than one target, fails to broadcast its mask; here each target
     has its own mask. Place it after the editing controllers so it reads the edited maps (as the official
     store does, by sharing the tensors it edits in place).
@@ -442,9 +442,10 @@ class LocalBlend(Controller):
                 raise AttnkitError(f"LocalBlend res={self.res}: the cross-attention grids are "
                                    f"{sorted(self.sums)}; pick one of them")
             return self.res
-        goal = max(latent_hw) / 4
-        # nearest in log scale; ties go to the finer grid
-        return min(self.sums, key=lambda s: (abs(torch.log2(torch.tensor(s / goal)).item()), -s))
+        # Prompt-to-Prompt reads the 16x16 maps of SD at 512 px (latent / 4): take the largest grid of at most
+        # max(16, latent / 4) (32 for SDXL at 1024 px, 16 for small models), else the smallest grid there is.
+        fitting = [side for side in self.sums if side <= max(16, max(latent_hw) // 4)]
+        return max(fitting) if fitting else min(self.sums)
 
     def mask(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         """The current blend masks ``(prompts, 1, h, w)``: row ``i`` is the mask applied to target ``i``."""
