@@ -16,7 +16,7 @@ guidance, measured on the same machine in the same run, with the inner steps it 
 
 Edit: each scene's first object gets a colour absent from the scene (caption word swap), edited from its
 null-text inversion at the model's guidance with Prompt-to-Prompt (replace, local blend on the old/new colour
-words, on the 16x16 attention grid: ``--blend-res``). Layout: IoU of the recoloured object's mask (checker) with the input object's mask; colour changed:
+words on LocalBlend's default grid, 16x16 for the bundled model: ``--blend-res``). Layout: IoU of the recoloured object's mask (checker) with the input object's mask; colour changed:
 the checker finds the new colour and no longer the old one; untouched PSNR: pixels of the other objects (scenes
 with 2+ objects) compared with the input image.
 
@@ -227,7 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's own)")
     parser.add_argument("--lr", type=float, default=0.1,
                         help="null-text Adam learning rate of the headline run (the paper's 1e-2 runs beside it)")
-    parser.add_argument("--blend-res", type=int, default=16, help="local-blend attention grid of the edit")
+    parser.add_argument("--blend-res", type=int, default=None,
+                        help="local-blend attention grid of the edit (default: LocalBlend's, 16 on the bundled model)")
     parser.add_argument("--quick", action="store_true", help="< 5 min on the CPU")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
