@@ -27,39 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnkit import AttentionStore, control
 from attnkit.bundled.checker import read_image, score, validate
 from attnkit.bundled.scenes import spec_for_seed
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
 BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
 CHECKER_SEED_START = 10_000_000
-
-
-# TODO(lead): switch to attnkit.AttentionStore once it lands; this minimal processor only records what the
-# benchmark needs (cross-attention probabilities at 16x16, conditional half, summed over heads/layers/steps).
-class _CrossAttnRecorder:
-    """Attention processor for ``attn2`` layers that records 16x16 cross-attention probabilities."""
-
-    def __init__(self, n_cond: int, cfg: bool, res: int = 16) -> None:
-        self.n_cond, self.cfg, self.res = n_cond, cfg, res
-        self.sum: torch.Tensor | None = None  # (n_cond, res*res, n_tokens)
-        self.count = 0
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        batch, n_q, _ = hidden_states.shape
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        k = attn.head_to_batch_dim(attn.to_k(ctx))
-        v = attn.head_to_batch_dim(attn.to_v(ctx))
-        probs = attn.get_attention_scores(q, k, attention_mask)  # (batch*heads, n_q, n_tokens)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if n_q == self.res * self.res:
-            p = probs.view(batch, attn.heads, n_q, -1).mean(1)
-            p = p[batch - self.n_cond :] if self.cfg else p  # the pipeline puts [uncond, cond]
-            self.sum = p.detach().clone() if self.sum is None else self.sum + p.detach()
-            self.count += 1
-        return out
 
 
 def word_token_positions(tok, caption: str) -> list[list[int]]:
@@ -114,19 +88,14 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
     t_gen = 0.0
     for start in range(0, n, batch):
         chunk = specs[start : start + batch]
-        rec = _CrossAttnRecorder(len(chunk), cfg=g > 1.0)
-        procs = {name: (rec if name.endswith("attn2.processor") else proc)
-                 for name, proc in pipe.unet.attn_processors.items()}
-        orig = pipe.unet.attn_processors
-        pipe.unet.set_attn_processor(procs)
+        store = AttentionStore(kinds="cross", res=16)  # conditional half, mean over heads/layers/steps
         gens = [torch.Generator().manual_seed(BENCH_SEED_START + start + j) for j in range(len(chunk))]
         ts = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), control(pipe, store):
             imgs = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=g,
                         generator=gens, height=64, width=64).images
         t_gen += time.time() - ts
-        pipe.unet.set_attn_processor(orig)
-        maps = (rec.sum / max(rec.count, 1)).view(len(chunk), 16, 16, -1).permute(0, 3, 1, 2)  # (B, T, 16, 16)
+        maps = store.maps("cross", res=16).permute(0, 3, 1, 2)  # (B, tokens, 16, 16)
         maps = F.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False).numpy()
         for b, (img, spec) in enumerate(zip(imgs, chunk, strict=True)):
             reading = read_image(img)
