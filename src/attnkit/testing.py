@@ -14,25 +14,13 @@ from typing import Any, Literal
 
 import torch
 
+from attnkit.bundled.tokenizer import bytes_to_unicode
+
 TEST_WORDS = (
     "a an the of on in with and photo picture painting drawing cake lemon chocolate lego beet cat dog "
     "sunglasses wearing red blue green yellow purple circle square triangle background white black "
     "castle bird tree house car sitting field mountain sky"
 ).split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable characters (the BPE base alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77, keep_split: Iterable[str] = ()) -> Any:
@@ -43,7 +31,7 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77, keep_
     """
     from transformers import CLIPTokenizer
 
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in base + [c + "</w>" for c in base]:
         vocab.setdefault(token, len(vocab))

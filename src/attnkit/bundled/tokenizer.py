@@ -23,7 +23,7 @@ SPLIT_WORDS: dict[str, tuple[str, ...]] = {"outlined": ("out", "lined"), "backgr
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode character table (same as the one CLIPTokenizer uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -84,7 +84,7 @@ def write_tokenizer_files(folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     merges = build_merges()
     # Same id layout as CLIP: 256 byte chars, the same with </w>, merged tokens, then the specials.
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     vocab_list = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
