@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import AttentionStore, control
-from attnkit.bundled.checker import read_image, score, validate
+from attnkit.bundled.checker import mask_iou, read_image, score, validate
 from attnkit.bundled.scenes import spec_for_seed
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
@@ -57,11 +57,6 @@ def object_word_positions(tok, spec) -> list[dict[str, list[int]]]:
         res.append({"color": positions[ci], "shape": positions[si]})
         i = si + 1
     return res
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8) -> dict:
@@ -110,7 +105,7 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
                         ious[kind].append(0.0)
                         continue
                     m = maps[b, wp[kind]].mean(0)
-                    ious[kind].append(iou(m >= 0.5 * m.max(), found.mask))
+                    ious[kind].append(mask_iou(m >= 0.5 * m.max(), found.mask))
         print(f"  generated {min(start + batch, n)}/{n}", file=sys.stderr, flush=True)
     # wall time of one single-prompt generation at the defaults (the brief's <= 1 s per image)
     single = []

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnkit.bundled.checker import read_image
+from attnkit.bundled.checker import mask_iou, read_image
 from attnkit.bundled.scenes import COLORS, SIZE, caption_for, render_scene
 from attnkit.images import fit_image, psnr
 from attnkit.inversion import (
@@ -74,11 +74,6 @@ def _full_size(image: Image.Image) -> Image.Image:
     return image if image.size == (SIZE, SIZE) else image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def _largest(reading, color: str):
     found = [o for o in reading.objects if o.color == color]
     return max(found, key=lambda o: o.area) if found else None
@@ -96,7 +91,7 @@ def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None) -> dic
     source_object = _largest(before, old)
     source_mask = source_object.mask if source_object is not None else scene.objects[0].mask
     moved = _largest(after, new)
-    row = {"seed": seed, "target": target, "iou": _iou(source_mask, moved.mask) if moved else 0.0,
+    row = {"seed": seed, "target": target, "iou": mask_iou(source_mask, moved.mask) if moved else 0.0,
            "color_changed": bool(moved is not None and _largest(after, old) is None)}
     others = [o.mask for o in scene.objects[1:]]
     if others:

@@ -43,10 +43,6 @@ def _foreground(reading: Any, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(int((a | b).sum()), 1))
-
-
 def _swap(spec: Any, attribute: str, rng: np.random.Generator) -> tuple[Any, str, str] | None:
     from attnkit.bundled.scenes import COLORS, SHAPES
 
@@ -76,7 +72,7 @@ def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, sel
             blend: bool = True) -> dict[str, float]:
     """Mean object-mask IoU with the source image and attribute-changed rate, per variant: ``p2p`` (cross and
     self replacement), ``blend`` (the same + local blend on the swapped words), ``free`` (no control)."""
-    from attnkit.bundled.checker import read_image
+    from attnkit.bundled.checker import mask_iou, read_image
     from attnkit.bundled.scenes import HELDOUT_SEED_START, spec_for_seed
     from attnkit.edit import edit
     from attnkit.sampling import generate
@@ -109,7 +105,7 @@ def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, sel
         row = {}
         for name, image in images.items():
             reading = read_image(image)
-            row[f"iou_{name}"] = _iou(src_fg, _foreground(reading, shape))
+            row[f"iou_{name}"] = mask_iou(src_fg, _foreground(reading, shape))
             row[f"changed_{name}"] = float(_changed(reading, attribute, old, new, color))
         rows.append(row)
     return {key: statistics.fmean(r[key] for r in rows) for key in rows[0]} | {"n": len(rows), "skipped": skipped}

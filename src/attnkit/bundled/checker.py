@@ -165,3 +165,9 @@ def validate(seeds, verbose: bool = False) -> dict:
         if verbose and min(r[k] for k in tot) < 1:
             print(s, sc.caption, [(o.color, o.shape, o.fill, o.features) for o in read_image(sc.image).objects])
     return {k: v / n for k, v in tot.items()}
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty): ``mask_iou(found, truth)``."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
