@@ -38,6 +38,7 @@ from PIL import Image
 
 from attnkit.engine import AttnkitError, Control, Controller
 from attnkit.images import Crop, CropMode, fit_image, image_to_tensor, load_image
+from attnkit.sampling import decode_latents, generate, normalize_prompts, vae_precision
 from attnkit.tokens import check_prompt_length
 
 Method = Literal["ddim", "null-text", "negative-prompt"]
@@ -202,14 +203,8 @@ def encode_image(pipe: Any, image: Image.Image | torch.Tensor) -> torch.Tensor:
     ``vae.encode(x).latent_dist.mean · scaling_factor`` (float32 where the VAE asks to be upcast)."""
     vae = pipe.vae
     x = image_to_tensor(image) if isinstance(image, Image.Image) else image
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
-    finally:
-        if upcast:
-            vae.to(torch.float16)
+    with vae_precision(vae) as dtype:
+        z = vae.encode(x.to(vae.device, dtype)).latent_dist.mean.float()
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:  # the inverse of sampling.decode_latents' de-normalisation
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
@@ -220,8 +215,6 @@ def encode_image(pipe: Any, image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     """PIL images from latents with the pipeline's VAE: ``decode(pipe, encode_image(pipe, image))``."""
-    from attnkit.sampling import decode_latents
-
     return decode_latents(pipe, latents)
 
 
@@ -588,7 +581,6 @@ def generate_from(pipe: Any, inversion: Inversion, prompts: str | list[str] | No
     """Regenerate (``prompts`` None: the inversion's own prompt) or edit from an inversion through
     :func:`attnkit.sampling.generate`; returns its ``Generation``.
     ``generate_from(pipe, inv).images[0]`` is the reconstruction."""
-    from attnkit.sampling import generate, normalize_prompts
 
     prompts = normalize_prompts(inversion.prompt if prompts is None else prompts)
     kwargs = inversion.generate_kwargs(pipe, len(prompts), guidance)

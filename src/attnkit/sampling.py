@@ -11,6 +11,8 @@ Prompt-to-Prompt needs), and the controllers' step-end hooks wired to ``callback
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,27 +59,35 @@ def normalize_prompts(prompts: str | list[str]) -> list[str]:
     return items
 
 
+@contextmanager
+def vae_precision(vae: Any) -> Iterator[torch.dtype]:
+    """Run the VAE in float32 for the block where its config asks for it (SDXL's float16 VAE overflows),
+    putting it back afterwards; yields the dtype to feed it: ``with vae_precision(vae) as dtype: ...``"""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if not upcast:
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
 @torch.no_grad()
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
     """Decode latents to PIL images with the pipeline's VAE (float32 where the VAE asks to be upcast)."""
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    dtype = torch.float32 if upcast else vae.dtype
-    z = latents.to(dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(z)
-        z = z * std / vae.config.scaling_factor + mean
-    else:
-        z = z / vae.config.scaling_factor
-    if upcast:
-        vae.to(torch.float32)
-    try:
+    with vae_precision(vae) as dtype:
+        z = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            z = z * std / vae.config.scaling_factor + mean
+        else:
+            z = z / vae.config.scaling_factor
         image = vae.decode(z, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type="pil")
 
 
