@@ -19,6 +19,7 @@ from attnkit.inversion import (
     ddim_invert,
     ddim_scheduler,
     ddim_step,
+    edit_image,
     generate_from,
     invert,
     null_text_optimize,
@@ -164,6 +165,17 @@ def test_pipeline_path_matches_the_explicit_loop(fixture, method, picture, reque
     if method == "null-text":  # the per-step embeddings really are fed: without them the result differs
         without = generate(pipe, [PROMPT], progress=False, **inv.generate_kwargs(pipe)).latents.float()
         assert not torch.allclose(without, through_pipe, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["sd_v", "sdxl_v"])
+def test_editing_a_null_text_inversion_keeps_the_reconstruction_as_source(fixture, picture, request):
+    pipe = request.getfixturevalue(fixture)
+    inv = invert(pipe, picture, PROMPT, method="null-text", steps=3, guidance=4.0,
+                 null_text=NullTextOptions(inner_steps=2), progress=False)
+    result = edit_image(pipe, inv, "a blue circle on a white background", maps=False, progress=False)
+    reference = reconstruct_latents(pipe, inv)
+    assert torch.allclose(result.latents[:1].float(), reference, atol=1e-4)  # source row = reconstruction
+    assert (result.latents[1:].float() - reference).abs().max() > 1e-4  # the edit row really differs
 
 
 def test_regeneration_needs_a_ddim_scheduler(picture):

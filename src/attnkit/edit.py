@@ -12,6 +12,8 @@ Real images (inversion): pass the inverted starting latent as ``latents`` (one r
 and, for null-text inversion, the optimised unconditional embeddings as ``uncond_embeddings`` (one
 ``(1, L, D)`` tensor per step, or a ``(steps, 1, L, D)`` tensor): step 0's goes in as the pipeline's negative
 prompt embedding, step ``i + 1``'s is swapped in after step ``i`` through ``callback_on_step_end``.
+On SDXL the pooled unconditional embedding stays fixed over the steps: ``uncond_pooled`` ``(1, D)``, or
+the pipeline's own when left out.
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def _uncond_list(uncond: Any, steps: int) -> list[torch.Tensor]:
     return [e if e.dim() == 3 else e.unsqueeze(0) for e in items]
 
 
+def _uncond_inputs(pipe: Any, source: str, batch: int, uncond_embeddings: Any, uncond_pooled: Any,
+                   steps: int | None, controllers: list[Controller]) -> dict[str, torch.Tensor]:
+    """Pipeline arguments for step 0's unconditional embedding (+ SDXL's pooled one); appends the
+    controller that swaps in the later steps' embeddings."""
+    from attnkit.inversion import UncondSchedule, encode_text, is_sdxl
+    from attnkit.models import defaults_for
+
+    defaults = defaults_for(pipe)
+    embeds = _uncond_list(uncond_embeddings, int(steps or defaults.num_inference_steps))
+    extra = {"negative_prompt_embeds": embeds[0].expand(batch, -1, -1)}
+    if is_sdxl(pipe):
+        if uncond_pooled is None:  # the pipeline's own pooled unconditional embedding
+            uncond_pooled = encode_text(pipe, source, defaults.height, defaults.width).uncond_pooled
+        extra["negative_pooled_prompt_embeds"] = uncond_pooled[:1].to(embeds[0]).expand(batch, -1)
+    elif uncond_pooled is not None:
+        raise AttnkitError("uncond_pooled is for SDXL pipelines only: leave it out on SD 1.x/2.x")
+    controllers.append(UncondSchedule(embeds))
+    return extra
+
+
 def build_controllers(tokenizer: Any, prompts: Sequence[str], *, kind: EditKind = "auto",
                       cross: CrossSchedule = 0.8, self: Window = 0.4, self_res: int | float = 16,  # noqa: A002
                       blend: Sequence[str] | Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3,
@@ -110,7 +132,8 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
          blend_start: float = 0.0, subtract: Sequence[str] | None = None, blend_res: int | None = None,
          reweight: dict[str, float] | None = None, steps: int | None = None, guidance: float | None = None,
          height: int | None = None, width: int | None = None, maps: bool = True, maps_res: int | None = None,
-         latents: torch.Tensor | None = None, uncond_embeddings: Any = None, progress: bool = True) -> EditResult:
+         latents: torch.Tensor | None = None, uncond_embeddings: Any = None,
+         uncond_pooled: torch.Tensor | None = None, progress: bool = True) -> EditResult:
     """Edit the image of ``source`` into each of ``targets`` with Prompt-to-Prompt, in one batch.
 
     Usage: ``edit(pipe, "a lemon cake", ["a chocolate cake", "a lego cake"], seed=8888, blend=["cake"])``
@@ -129,6 +152,7 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
             ``None`` for all grids).
         latents: the starting latent (e.g. from inversion): one row, or one per prompt.
         uncond_embeddings: per-step unconditional embeddings (null-text inversion), see the module docstring.
+        uncond_pooled: SDXL only: the pooled unconditional embedding that goes with them.
     """
     target_list = [targets] if isinstance(targets, str) else list(targets)
     if not target_list:
@@ -146,16 +170,9 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
             raise AttnkitError(f"latents must have shape (1 or {len(prompts)}, C, h, w), got {tuple(latents.shape)}")
         latents = latents.expand(len(prompts), -1, -1, -1).clone()
     if uncond_embeddings is not None:
-        if hasattr(pipe, "text_encoder_2"):
-            raise AttnkitError("uncond_embeddings (null-text inversion) are supported for SD 1.x/2.x pipelines")
-        from attnkit.models import defaults_for
-
-        n = int(steps or defaults_for(pipe).num_inference_steps)
-        embeds = _uncond_list(uncond_embeddings, n)
-        extra["negative_prompt_embeds"] = embeds[0].expand(len(prompts), -1, -1)
-        from attnkit.inversion import UncondSchedule
-
-        controllers.append(UncondSchedule(embeds))
+        extra = _uncond_inputs(pipe, source, len(prompts), uncond_embeddings, uncond_pooled, steps, controllers)
+    elif uncond_pooled is not None:
+        raise AttnkitError("uncond_pooled goes with uncond_embeddings: pass both (SDXL null-text inversion)")
     gen = generate(pipe, prompts, *controllers, seed=seed, steps=steps, guidance=guidance, height=height,
                    width=width, latents=latents, progress=progress, **extra)
     settings = {

@@ -605,18 +605,17 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], **opti
             raise AttnkitError(f"{fixed}= is fixed by the inversion when editing a real image: leave it out")
     inversion.check_pipeline(pipe)
     unet = pipe.unet
-    uncond = None
+    uncond = pooled = None
     if inversion.uncond_embeddings is not None:
-        if is_sdxl(pipe):
-            raise AttnkitError("editing an SDXL inversion with unconditional embeddings is not wired into "
-                               "attnkit.edit yet: use method='ddim', or attnkit.inversion.generate_from for "
-                               "reconstruction")
         uncond = [inversion.uncond_for_step(i).to(unet.device, unet.dtype) for i in range(inversion.steps)]
+        if inversion.uncond_pooled is not None:
+            pooled = inversion.uncond_pooled[:1].to(unet.device, unet.dtype)
     width, height = inversion.size
     guidance = options.pop("guidance", None)
     return edit(pipe, inversion.prompt, targets, steps=inversion.steps, height=height, width=width,
                 guidance=inversion.guidance if guidance is None else guidance,
-                latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond, **options)
+                latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond,
+                uncond_pooled=pooled, **options)
 
 
 @torch.no_grad()

@@ -233,7 +233,13 @@ UNET_CONFIGS: dict[str, dict] = {
 TEXT_DIM = 128
 
 
-def make_text_encoder(tok):
+def make_text_encoder(tok, layers: int = 2):
+    """The jointly trained CLIP text encoder.
+
+    ``layers`` = 0 keeps each token's embedding to itself (plus its position): a causal encoder with layers
+    lets later tokens absorb earlier ones ("red circle" ends up in "circle"), which the model then reads
+    instead of the colour word, so the colour word's cross-attention stops marking its object.
+    """
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
@@ -241,7 +247,7 @@ def make_text_encoder(tok):
         hidden_size=TEXT_DIM,
         intermediate_size=4 * TEXT_DIM,
         projection_dim=TEXT_DIM,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=tok.model_max_length,
         bos_token_id=tok.bos_token_id,
@@ -394,8 +400,15 @@ def train_unet(
     guidances: tuple[float, ...] = (1.5, 2.5),
     export_dir: Path = DEFAULT_EXPORT,
     total_steps: int | None = None,
+    text_layers: int = 2,
+    warm_start: Path | None = None,
+    restart_schedule: bool = False,
 ) -> None:
-    """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable)."""
+    """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable).
+
+    ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
+    initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step.
+    """
     from safetensors.torch import load_file, save_file
 
     tok = get_tokenizer(run_dir)
@@ -405,7 +418,7 @@ def train_unet(
     n_data = len(latents)
     empty_ids = tokenize(tok, [""])[0]
     torch.manual_seed(seed)
-    unet, te = make_unet(size), make_text_encoder(tok)
+    unet, te = make_unet(size), make_text_encoder(tok, text_layers)
     ddpm, _ = make_schedulers()
     names = [f"unet.{k}" for k, _ in unet.named_parameters()] + [f"te.{k}" for k, _ in te.named_parameters()]
     params = [p for _, p in unet.named_parameters()] + [p for _, p in te.named_parameters()]
@@ -428,6 +441,19 @@ def train_unet(
         opt.load_state_dict(st["opt"])
         state = st["state"]
         log(run_dir, f"unet: resumed at step {state['step']}")
+        if restart_schedule:
+            state["schedule_start"], state["total_steps"] = state["step"], None
+            log(run_dir, "unet: new learning-rate schedule from here")
+    elif warm_start is not None:
+        w = load_file(warm_start)
+        copied = 0
+        with torch.no_grad():
+            for name, p, q in zip(names, params, ema, strict=True):
+                if name in w and w[name].shape == p.shape:
+                    p.copy_(w[name])
+                    q.copy_(w[name])
+                    copied += 1
+        log(run_dir, f"unet: warm start from {warm_start}: {copied}/{len(names)} tensors")
     n_unet = sum(p.numel() for p in unet.parameters())
     n_te = sum(p.numel() for p in te.parameters())
     log(run_dir, f"unet[{size}]: {n_unet / 1e6:.2f}M params, text encoder {n_te / 1e6:.2f}M, data {n_data}, "
@@ -466,7 +492,8 @@ def train_unet(
                 defaults = {"guidance_scale": best_g, "num_inference_steps": 25, "height": SIZE, "width": SIZE}
                 info = {"step": state["step"], "samples_seen": state["samples"],
                         "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
-                        "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed}
+                        "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed,
+                        "text_layers": text_layers}
                 export_model(pipe, export_dir, defaults, info)
                 log(run_dir, f"exported to {export_dir} (mean {state['best']:.3f}, guidance {best_g})")
         except Exception as exc:  # an evaluation bug must not kill hours of training
@@ -489,14 +516,15 @@ def train_unet(
     t_log = time.time()
     while time.time() < end:
         step = state["step"]
-        if state["total_steps"] is None and step >= 30:
+        rel = step - state.get("schedule_start", 0)  # steps into the current learning-rate schedule
+        if state["total_steps"] is None and rel >= 30:
             # fix the cosine length once the speed is known: steps that fit into the time budget
             rate = step / max(state["seconds"], 1e-6)
             state["total_steps"] = int(rate * minutes * 60 * 0.93)  # ~7% goes to evaluation
             log(run_dir, f"unet: total_steps set to {state['total_steps']}")
         total = state["total_steps"] or 10**9
-        warm = min(1.0, (step + 1) / 300)
-        frac = min(1.0, step / total)
+        warm = min(1.0, (rel + 1) / 300)
+        frac = min(1.0, rel / total)
         cur_lr = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
@@ -560,6 +588,9 @@ def train(
     seed: int = 0,
     export_dir: str | Path = DEFAULT_EXPORT,
     end_at: float | None = None,
+    text_layers: int = 2,
+    warm_start: str | Path | None = None,
+    restart_schedule: bool = False,
 ) -> None:
     """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
 
@@ -573,7 +604,9 @@ def train(
     encode_scenes(run_dir, n_scenes)
     if end_at is not None:
         minutes = (end_at - time.time()) / 60
-    train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir))
+    train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir),
+               text_layers=text_layers, warm_start=Path(warm_start) if warm_start else None,
+               restart_schedule=restart_schedule)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -588,9 +621,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-dir", default=str(DEFAULT_EXPORT))
     p.add_argument("--end-at", type=float, default=None, help="unix time at which UNet training stops")
+    p.add_argument("--text-layers", type=int, default=2, help="transformer layers of the text encoder")
+    p.add_argument("--warm-start", default=None, help="checkpoint .safetensors initialising a fresh run")
+    p.add_argument("--restart-schedule", action="store_true", help="new warm-up + cosine when resuming")
     a = p.parse_args(argv)
     train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
-          a.end_at)
+          a.end_at, a.text_layers, a.warm_start, a.restart_schedule)
 
 
 if __name__ == "__main__":
