@@ -201,7 +201,7 @@ def speed(size: int, steps: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="colour row only (30 scenes); speed at 128 px, 3 steps, 2 repeats")
+                        help="colour row only (16 scenes); speed at 128 px, 3 steps, 2 repeats")
     parser.add_argument("--seeds", type=int, default=60)
     parser.add_argument("--shape-seeds", type=int, default=None, help="scenes of the shape-swap row "
                         "(default: --seeds; 0 skips it)")
@@ -213,19 +213,20 @@ def main() -> None:
     parser.add_argument("--self", dest="self_", type=float, default=0.4)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="model folder of the quality part")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.shape_seeds, args.size, args.steps, args.repeats = 30, 0, 128, 3, 2
+        args.seeds, args.shape_seeds, args.size, args.steps, args.repeats = 16, 0, 128, 3, 2
     torch.set_num_threads(args.threads)
     summary: dict[str, Any] = {}
 
-    if (MODEL_DIR / "model_index.json").is_file():
+    if (args.model_dir / "model_index.json").is_file():
         print(f"(a) quality on the bundled model, {args.seeds} held-out scenes per row, cross {args.cross}, "
               f"self {args.self_}")
         print(f"{'edit':<12}{'IoU P2P':>9}{'+blend':>8}{'free':>7}{'changed P2P':>13}{'+blend':>8}{'free':>7}")
         from attnkit.models import load_pipeline
 
-        pipe = load_pipeline(str(MODEL_DIR))
+        pipe = load_pipeline(str(args.model_dir))
         pipe.set_progress_bar_config(disable=True)
         shape_seeds = args.seeds if args.shape_seeds is None else args.shape_seeds
         for attribute, count in (("color", args.seeds), ("shape", shape_seeds)):
@@ -245,7 +246,7 @@ def main() -> None:
         summary["quality_scenes"] = args.seeds
         summary["shape_quality_scenes"] = shape_seeds
     else:
-        print(f"(a) quality skipped: the bundled model is not there yet ({MODEL_DIR}/model_index.json)")
+        print(f"(a) quality skipped: no model at {args.model_dir} (model_index.json)")
         summary.update(layout_iou_controlled=None, layout_iou_free=None, attribute_changed=None)
 
     if not args.skip_speed:

@@ -148,11 +148,26 @@ class _Run:
     def __init__(self, command: str, prompt: str, model: str | None, device: str, dtype: str) -> None:
         import attnkit
 
+        self.model, self.device, self.dtype = model, device, dtype
         self.started = time.perf_counter()
         self.record: dict[str, Any] = {
             "command": command, "prompt": prompt, "model": model or "bundled", "device": device, "dtype": dtype,
             "attnkit_version": attnkit.__version__, "files": [], "timings": {},
         }
+
+    @classmethod
+    def begin(cls, command: str, prompt: str, model: str | None, device: str, dtype: str, threads: int | None,
+              quiet: bool) -> _Run:
+        """Quiet the loaders, resolve the device and start the record (before any output folder exists)."""
+        _quiet_loading(quiet)
+        return cls(command, prompt, model, _resolve_device(device, threads), dtype)
+
+    def load(self) -> Any:
+        """The run's pipeline, its loading time recorded."""
+        start = time.perf_counter()
+        pipe = _load(self.model, self.device, self.dtype)
+        self.time("load", start)
+        return pipe
 
     def time(self, name: str, since: float) -> None:
         self.record["timings"][name] = round(time.perf_counter() - since, 3)
@@ -197,13 +212,9 @@ def generate(prompt: Prompt, model: Model = None, seed: Seed = 0, steps: Steps =
              height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
              out: Out = Path("outputs/generate"), quiet: Quiet = False, threads: Threads = None) -> None:
     """Generate an image: writes image.png (prompt, seed and settings in its metadata) and record.json."""
-    _quiet_loading(quiet)
-    device = _resolve_device(device, threads)
-    run = _Run("generate", prompt, model, device, dtype)
+    run = _Run.begin("generate", prompt, model, device, dtype, threads, quiet)
     with _staged_output(out) as folder:
-        start = time.perf_counter()
-        pipe = _load(model, device, dtype)
-        run.time("load", start)
+        pipe = run.load()
         result = _sample(run, pipe, prompt, (), seed, steps, guidance, height, width, quiet)
         run.save(result.images[0], folder, "image.png")
         run.finish(folder)
@@ -230,14 +241,10 @@ def maps(prompt: Prompt, model: Model = None, seed: Seed = 0, steps: Steps = Non
     from attnkit.tokens import word_spans, word_token_indices
     from attnkit.viz import enlarge, overlay, word_strip
 
-    _quiet_loading(quiet)
-    device = _resolve_device(device, threads)
     pixel = _parse_pixel(self_at) if self_at is not None else None
-    run = _Run("maps", prompt, model, device, dtype)
+    run = _Run.begin("maps", prompt, model, device, dtype, threads, quiet)
     with _staged_output(out) as folder:
-        start = time.perf_counter()
-        pipe = _load(model, device, dtype)
-        run.time("load", start)
+        pipe = run.load()
         res = res or _default_res(pipe, height, width)
         run.record.update(res=res, cmap=cmap)
         chosen = list(words) if words else [s.word for s in word_spans(pipe.tokenizer, prompt)]
@@ -302,14 +309,10 @@ def invert(image: Annotated[str, typer.Argument(help="The image file to invert."
 
         raise AttnkitError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     picture = load_image(image)  # a bad file fails before the model loads
-    _quiet_loading(quiet)
-    device = _resolve_device(device, threads)
-    run = _Run("invert", prompt, model, device, dtype)
+    run = _Run.begin("invert", prompt, model, device, dtype, threads, quiet)
     run.record["image"] = str(image)
     with _staged_output(out) as folder:
-        start = time.perf_counter()
-        pipe = _load(model, device, dtype)
-        run.time("load", start)
+        pipe = run.load()
         check_prompt(pipe, prompt)
         inv = _invert_image(run, pipe, picture, prompt, method, steps, guidance, inner_steps, crop, quiet, lr)
         inv.save(folder, overwrite=True)
@@ -390,14 +393,10 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
         from attnkit.images import load_image
 
         picture = load_image(image)  # a bad file fails before the model loads
-    _quiet_loading(quiet)
-    device = _resolve_device(device, threads)
-    run = _Run("edit", source, model, device, dtype)
+    run = _Run.begin("edit", source, model, device, dtype, threads, quiet)
     run.record["targets"] = list(to)
     with _staged_output(out) as folder:
-        start = time.perf_counter()
-        pipe = _load(model, device, dtype)
-        run.time("load", start)
+        pipe = run.load()
         start = time.perf_counter()
         if picture is None:  # edit() checks every option before it samples anything
             result = p2p_edit(pipe, source, list(to), seed=seed, steps=steps, guidance=guidance, height=height,

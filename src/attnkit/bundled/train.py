@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..images import psnr
 from .scenes import SIZE, render_scene
 
 DEFAULT_EXPORT = Path(__file__).resolve().parent / "model"
@@ -75,11 +76,6 @@ def make_vae():
         norm_num_groups=16,
         sample_size=SIZE,
     )
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 @torch.no_grad()
