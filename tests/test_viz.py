@@ -99,3 +99,14 @@ def test_png_metadata_round_trip(tmp_path):
     assert read_png_metadata(tmp_path / "plain.png") == {}
     with pytest.raises(ValueError, match="png"):
         save_png(grey(), tmp_path / "image.jpg", meta)
+
+
+def test_long_captions_wrap_onto_more_lines_instead_of_being_cut():
+    images = [grey(64), grey(64)]
+    short = image_grid(images, captions=["a cake", "a lego cake"])
+    prompt = "a red circle and a blue outlined square and a green triangle on a black background"
+    long = image_grid(images, captions=[prompt, "a lego cake"])
+    assert long.height > short.height  # a taller caption band, the same tiles
+    band = np.asarray(long)[MIN_SIDE + 4:, :MIN_SIDE]
+    inked_rows = np.flatnonzero((band < 100).any(axis=(1, 2)))
+    assert inked_rows.max() - inked_rows.min() > 2 * 18  # text on at least three lines

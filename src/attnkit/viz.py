@@ -104,13 +104,31 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + "…"
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels; what does not fit into
+    ``max_lines`` lines ends in an ellipsis (prompts are the point of a caption, so they wrap, not clip)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], " ".join(lines[max_lines - 1 :])]
+    return [_fit(draw, line, font, width) for line in lines] or [""]
+
+
 def _captioned(tiles: Sequence[Image.Image], captions: Sequence[str] | None, cols: int,
-               pad: int = 4, background: str = "white") -> Image.Image:
-    """Tiles (same size) in a grid of ``cols`` columns with one caption line under each."""
+               pad: int = 4, background: str = "white", max_lines: int = 3) -> Image.Image:
+    """Tiles (same size) in a grid of ``cols`` columns with a caption (wrapped, up to ``max_lines``
+    lines) under each."""
     tile_w, tile_h = tiles[0].size
     font_size = max(12, tile_w // 14)
     font = _font(font_size)
-    caption_h = font_size + 2 * pad if captions is not None else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, str(c), font, tile_w, max_lines) for c in captions] if captions is not None else []
+    line_h = font_size + 2
+    caption_h = max(len(w) for w in wrapped) * line_h + 2 * pad if wrapped else 0
     rows = math.ceil(len(tiles) / cols)
     sheet = Image.new("RGB", (cols * (tile_w + pad) + pad, rows * (tile_h + caption_h + pad) + pad), background)
     draw = ImageDraw.Draw(sheet)
@@ -118,10 +136,9 @@ def _captioned(tiles: Sequence[Image.Image], captions: Sequence[str] | None, col
         x = pad + (i % cols) * (tile_w + pad)
         y = pad + (i // cols) * (tile_h + caption_h + pad)
         sheet.paste(tile.convert("RGB"), (x, y))
-        if captions is not None and captions[i]:
-            text = _fit(draw, str(captions[i]), font, tile_w)
-            text_w = draw.textlength(text, font=font)
-            draw.text((x + (tile_w - text_w) / 2, y + tile_h + pad), text, fill="black", font=font)
+        for k, line in enumerate(wrapped[i] if wrapped else []):
+            text_w = draw.textlength(line, font=font)
+            draw.text((x + (tile_w - text_w) / 2, y + tile_h + pad + k * line_h), line, fill="black", font=font)
     return sheet
 
 
