@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from attnkit import AttnkitError, ModelDefaults, defaults_for, load_pipeline
 from attnkit import models as models_module
@@ -91,9 +92,17 @@ def test_defaults_from_attnkit_json(saved, tmp_path):
     copy = tmp_path / "with-defaults"
     pipe.save_pretrained(copy)
     (copy / "attnkit.json").write_text(json.dumps({"guidance_scale": 1.5, "num_inference_steps": 25,
-                                                   "comment": "unknown keys are ignored"}))
+                                                   "null_text_lr": 0.1, "comment": "unknown keys are ignored"}))
     loaded = load_pipeline(copy)
-    assert defaults_for(loaded) == ModelDefaults(1.5, 25, side, side)
+    assert defaults_for(loaded) == ModelDefaults(1.5, 25, side, side, null_text_lr=0.1)
+    # null-text inversion takes the model's own learning rate unless options are given
+    from attnkit.inversion import NullTextOptions, invert
+
+    picture = Image.new("RGB", (side, side), (200, 30, 30))
+    inv = invert(loaded, picture, "a red circle", steps=2, null_text=None, progress=False)
+    assert inv.null_text["lr"] == 0.1 and inv.guidance == 1.5
+    inv = invert(loaded, picture, "a red circle", steps=2, null_text=NullTextOptions(inner_steps=1), progress=False)
+    assert inv.null_text["lr"] == 1e-2  # explicit options win: the paper's
 
 
 @pytest.mark.skipif(not (models_module.BUNDLED_MODEL / "model_index.json").is_file(),

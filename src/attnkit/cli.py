@@ -269,14 +269,16 @@ def maps(prompt: Prompt, model: Model = None, seed: Seed = 0, steps: Steps = Non
 
 
 def _invert_image(run: _Run, pipe: Any, image: Any, prompt: str, method: str, steps: int | None,
-                  guidance: float | None, inner_steps: int, crop: str, quiet: bool, lr: float = 1e-2) -> Any:
+                  guidance: float | None, inner_steps: int, crop: str, quiet: bool, lr: float | None = None) -> Any:
     """Invert ``image`` (already loaded) for the ``invert`` and ``edit --image`` commands; records settings."""
     from attnkit.inversion import NullTextOptions, invert, use_ddim
+    from attnkit.models import defaults_for
 
     use_ddim(pipe)  # regenerating an inversion needs DDIM; the CLI owns this pipeline
     start = time.perf_counter()
     inv = invert(pipe, image, prompt, method=method, steps=steps, guidance=guidance, crop=crop,  # type: ignore[arg-type]
-                 null_text=NullTextOptions(inner_steps=inner_steps, lr=lr), progress=not quiet)
+                 null_text=NullTextOptions(inner_steps=inner_steps, lr=defaults_for(pipe).null_text_lr if lr is None
+                                           else lr), progress=not quiet)
     run.time("invert", start)
     run.record.update(method=method, steps=inv.steps, guidance=inv.guidance, crop=inv.crop.to_dict(),
                       inner_steps=inv.inner_steps, null_text=inv.null_text)
@@ -285,8 +287,8 @@ def _invert_image(run: _Run, pipe: Any, image: Any, prompt: str, method: str, st
 
 Method = Annotated[str, typer.Option(help="Inversion method: null-text, negative-prompt or ddim.")]
 InnerSteps = Annotated[int, typer.Option(help="Null-text: at most this many optimisation steps per step.")]
-LearningRate = Annotated[float, typer.Option(help="Null-text: Adam learning rate at step 0 (paper: 0.01; the "
-                                                  "bundled model reconstructs far better with 0.1).")]
+LearningRate = Annotated[float | None, typer.Option(help="Null-text: Adam learning rate at step 0 (default: the "
+                                                         "model's own; the paper's 0.01 for Stable Diffusion).")]
 CropOpt = Annotated[str, typer.Option(help="Fit the image to the model: 'center' (crop to its aspect ratio) or "
                                            "'stretch'.")]
 
@@ -296,7 +298,7 @@ CropOpt = Annotated[str, typer.Option(help="Fit the image to the model: 'center'
 def invert(image: Annotated[str, typer.Argument(help="The image file to invert.")],
            prompt: Annotated[str, typer.Option(help="A caption of the image (the source prompt).")],
            method: Method = "null-text", model: Model = None, steps: Steps = None, guidance: Guidance = None,
-           inner_steps: InnerSteps = 10, lr: LearningRate = 1e-2, crop: CropOpt = "center", device: Device = "auto",
+           inner_steps: InnerSteps = 10, lr: LearningRate = None, crop: CropOpt = "center", device: Device = "auto",
            dtype: Dtype = "float32", out: Out = Path("outputs/invert"), quiet: Quiet = False,
            threads: Threads = None) -> None:
     """Invert a real image: inversion.safetensors + inversion.json (load with attnkit.Inversion.load), the

@@ -536,7 +536,8 @@ def invert(pipe: Any, image: Any, prompt: str, method: Method = "null-text", ste
     ``method``: "ddim", "null-text" (Mokady et al. 2023) or "negative-prompt" (Miyake et al. 2023).
     ``steps``/``guidance`` default to the model's own (``attnkit.models.defaults_for``: 50 and 7.5, the paper's
     setting, for Stable Diffusion; the bundled model's lower guidance for it). ``inversion_guidance`` is the
-    guidance of the DDIM inversion pass itself (1: conditional only, as in the paper). The image is fitted to
+    guidance of the DDIM inversion pass itself (1: conditional only, as in the paper). ``null_text`` defaults to
+    the paper's schedule with the model's own learning rate (``null_text_lr``). The image is fitted to
     the model's resolution (``crop="center"`` or ``"stretch"``), and the crop is kept in the record.
 
         inv = invert(pipe, "photo.png", "a red circle on a white background", method="null-text")
@@ -566,7 +567,7 @@ def invert(pipe: Any, image: Any, prompt: str, method: Method = "null-text", ste
         inversion.uncond_embeddings = text.cond.detach().float().cpu()
         inversion.uncond_pooled = None if text.pooled is None else text.pooled.detach().float().cpu()
     elif method == "null-text":
-        options = null_text or NullTextOptions()
+        options = null_text or NullTextOptions(lr=defaults.null_text_lr)
         start = time.perf_counter()
         result = _null_text(pipe, trajectory, text, scheduler, guidance, options, progress)
         seconds["null_text"] = time.perf_counter() - start
