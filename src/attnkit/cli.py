@@ -88,11 +88,14 @@ def _resolve_device(device: str, threads: int | None = None) -> str:
 
 
 def _quiet_loading(quiet: bool) -> None:
-    # Loading bars of diffusers/transformers are global switches; the CLI owns its process, so flip them.
-    if quiet:
-        import diffusers
-        import transformers
+    # Loading bars and log levels of diffusers/transformers are global switches; the CLI owns its process, so
+    # flip them. transformers' warnings are always muted: loading any SD pipeline makes it warn about
+    # torchvision for an image processor attnkit never uses, which only confuses.
+    import diffusers
+    import transformers
 
+    transformers.utils.logging.set_verbosity_error()
+    if quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
