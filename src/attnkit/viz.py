@@ -119,7 +119,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines
 
 
 def _captioned(tiles: Sequence[Image.Image], captions: Sequence[str] | None, cols: int,
-               pad: int = 4, background: str = "white", max_lines: int = 3) -> Image.Image:
+               pad: int = 4, background: str = "white", max_lines: int = 4) -> Image.Image:
     """Tiles (same size) in a grid of ``cols`` columns with a caption (wrapped, up to ``max_lines``
     lines) under each."""
     tile_w, tile_h = tiles[0].size
