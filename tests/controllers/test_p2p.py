@@ -16,6 +16,7 @@ from attnkit.controllers import LocalBlend, Refine, Replace, Reweight
 from attnkit.engine import AttentionCall, describe_layers
 from attnkit.store import AttentionStore
 from attnkit.testing import tiny_pipeline
+from attnkit.tokens import word_token_indices
 
 STEPS, GUIDANCE, SEED = 6, 7.5, 3
 TOL = dict(atol=1e-5, rtol=0)
@@ -357,6 +358,17 @@ def test_local_blend_target_without_blend_words_keeps_the_source(pipe):
     assert not mask[0].any() and not mask[1].any() and mask[2].any()
     torch.testing.assert_close(latents[1], latents[0], **TOL)
     assert (latents[2] - latents[0]).abs().max() > 1e-3
+
+
+def test_local_blend_word_index_picks_one_occurrence(pipe):
+    tok = pipe.tokenizer
+    prompts = ["a red cake and a blue cake", "a red cake and a green cake"]
+    by_index = LocalBlend(prompts, tok, [6])  # the second "cake" only (word 6)
+    by_word = LocalBlend(prompts, tok, ["cake"])  # both
+    assert by_index.add_tokens == [word_token_indices(tok, p, 6) for p in prompts]
+    assert all(set(i) < set(w) for i, w in zip(by_index.add_tokens, by_word.add_tokens, strict=True))
+    with pytest.raises(AttnkitError, match="blend word 9 is in none of the prompts"):
+        LocalBlend(prompts, tok, [9])
 
 
 def test_standalone_reweight_scales_the_targets_own_map(pipe):

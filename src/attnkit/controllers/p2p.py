@@ -336,8 +336,11 @@ class Reweight(Controller):
         return out
 
 
-def _has_word(tokenizer: Any, prompt: str, word: str) -> bool:
-    return word.strip().lower() in (s.word.lower() for s in word_spans(tokenizer, prompt))
+def _has_word(tokenizer: Any, prompt: str, word: str | int) -> bool:
+    spans = word_spans(tokenizer, prompt)
+    if isinstance(word, int):  # a word index picks one occurrence
+        return 0 <= word < len(spans)
+    return word.strip().lower() in (s.word.lower() for s in spans)
 
 
 # -- local blending ----------------------------------------------------------------------------------------
@@ -353,7 +356,9 @@ class LocalBlend(Controller):
     (null-text inversion notebook) remove their own (unpooled) mask, thresholded at ``subtract_threshold``.
     Blending starts at step ``int(start · N)``.
 
-    ``words`` is one list for all prompts (each word used where the prompt has it) or one list per prompt.
+    ``words`` is one list for all prompts (each word used where the prompt has it) or one list per prompt. A word
+    is a string (every occurrence of it) or an int, the index of one word of the prompt (0 = first), to pick
+    one of two "circle"s.
     ``res`` picks the attention grid (side length); ``None`` takes the largest cross-attention grid of at most
     ``max(16, latent side / 4)`` (16x16 for SD at 512 px, as the paper; 32x32 for SDXL at 1024 px; 16x16 for
     the bundled model), so no layer indices are tied to one model. Differences from the official code (deliberate): it reads hard-coded layer
