@@ -16,8 +16,9 @@ All reconstructions go through the pipeline's own loop (``attnkit.inversion.reco
 guidance, measured on the same machine in the same run, with the inner steps it actually used (early stopping).
 
 Edit: each scene's first object gets a colour absent from the scene (caption word swap), edited from its
-null-text inversion at the model's guidance with Prompt-to-Prompt (replace, local blend on the old/new colour
-words on LocalBlend's default grid, 16x16 for the bundled model: ``--blend-res``). Layout: IoU of the recoloured object's mask (checker) with the input object's mask; colour changed:
+null-text inversion at the model's guidance with Prompt-to-Prompt (replace; local blend on the object's own colour
+and shape words, picked by word index, on LocalBlend's default grid, 16x16 for the bundled model: ``--blend``,
+``--blend-res``). Layout: IoU of the recoloured object's mask (checker) with the input object's mask; colour changed:
 the checker finds the new colour and no longer the old one; untouched PSNR: pixels of the other objects (scenes
 with 2+ objects) compared with the input image.
 
@@ -80,13 +81,23 @@ def _largest(reading, color: str):
     return max(found, key=lambda o: o.area) if found else None
 
 
-def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None) -> dict:
+def _blend_words(scene, blend: str, old: str, new: str) -> list:
+    """Local-blend words of the recoloured object: its own colour and shape words, picked by their word
+    index (a scene may repeat a shape), or, with ``blend="color"``, the old and the new colour word."""
+    if blend == "color":
+        return [[old], [new]]
+    first = scene.objects[0]
+    shape_index = 2 + (first.fill == "outlined")  # "a <colour> [outlined] <shape> ..."
+    return [1, shape_index]
+
+
+def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None, blend: str = "object") -> dict:
     """Recolour object 0 from the null-text inversion; layout IoU, colour change and untouched-pixel PSNR."""
     old = scene.objects[0].color
     new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
     target = caption_for(scene.spec.with_object(0, color=new).objects, scene.background)
-    result = edit_image(pipe, inversion, target, blend=[[old], [new]], blend_res=blend_res, maps=False,
-                        progress=False)
+    result = edit_image(pipe, inversion, target, blend=_blend_words(scene, blend, old, new), blend_res=blend_res,
+                        maps=False, progress=False)
     edited = _full_size(result.edits[0])
     before, after = read_image(scene.image), read_image(edited)
     source_object = _largest(before, old)
@@ -147,12 +158,14 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"{name}_inner_{tag}"] = float(np.mean(inv.inner_steps))
                 row[f"{name}_early_{tag}"] = float(np.mean([n < options.inner_steps for n in inv.inner_steps]))
                 if name == "null_text" and g == guidances[-1] and k < args.edit_scenes:
-                    edits.append(_edit_scene(pipe, seed, scene, inv, args.blend_res))
+                    edits.append(_edit_scene(pipe, seed, scene, inv, args.blend_res, args.blend))
         rows.append(row)
         if not args.quiet:
             shown = {key: round(v, 2) for key, v in row.items() if isinstance(v, float)}
             print(f"scene {k + 1}/{args.scenes} seed {seed}: {shown}", flush=True)
-    return {"rows": rows, "edits": edits, "guidances": guidances, "steps": steps, "variants": variants}
+    blend = "the old/new colour words" if args.blend == "color" else "the object's colour and shape words"
+    return {"rows": rows, "edits": edits, "guidances": guidances, "steps": steps, "variants": variants,
+            "blend": blend}
 
 
 def _mean(values) -> float:
@@ -191,8 +204,8 @@ def report(result: dict) -> dict:
             summary[f"psnr_{name}_{tag}"] = mean
     if edits:
         iou = [e["iou"] for e in edits]
-        print(f"\nColour-swap edit from null-text inversion (guidance {guidances[-1]:g}, local blend on the old/new "
-              f"colour words), {len(edits)} scenes")
+        print(f"\nColour-swap edit from null-text inversion (guidance {guidances[-1]:g}, local blend on "
+              f"{result['blend']}), {len(edits)} scenes")
         print(f"layout IoU mean {_mean(iou):.3f} (median {statistics.median(iou):.3f}, >= 0.8 in "
               f"{sum(v >= 0.8 for v in iou)}/{len(iou)}); colour changed {sum(e['color_changed'] for e in edits)}"
               f"/{len(edits)}; untouched-object PSNR vs input {_mean(e.get('untouched_psnr') for e in edits):.2f} dB, "
@@ -226,6 +239,9 @@ def main() -> None:
                              "paper's 1e-2 runs beside it)")
     parser.add_argument("--blend-res", type=int, default=None,
                         help="local-blend attention grid of the edit (default: LocalBlend's, 16 on the bundled model)")
+    parser.add_argument("--blend", choices=("object", "color"), default="object",
+                        help="local-blend words: the recoloured object's colour + shape words (default) or the "
+                             "old/new colour words")
     parser.add_argument("--quick", action="store_true", help="< 5 min on the CPU")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
