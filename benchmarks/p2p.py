@@ -6,7 +6,8 @@
 (a) Quality (needs ``src/attnkit/bundled/model/model_index.json``): for held-out shapes-world scenes, the
     source caption's image is edited into the caption with object 0's colour (or shape) swapped. Object-mask
     IoU between the source image and (i) the P2P edit, (ii) the target caption generated freely from the same
-    seed; ``attribute_changed``: the edit shows the new colour (shape) and no longer the old one, read by
+    seed, beside (iii) the IoU a perfect edit reaches (the two captions' ground-truth renders);
+    ``attribute_changed``: the edit shows the new colour (shape) and no longer the old one, read by
     ``attnkit.bundled.checker``.
 (b) Speed: a randomly initialised UNet with the SD1.5 configuration, batch [source, target] with CFG:
     stock diffusers (AttnProcessor2_0, no control) vs a P2P word swap (cross .8, self .4) vs the same with an
@@ -73,7 +74,7 @@ def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, sel
     """Mean object-mask IoU with the source image and attribute-changed rate, per variant: ``p2p`` (cross and
     self replacement), ``blend`` (the same + local blend on the swapped words), ``free`` (no control)."""
     from attnkit.bundled.checker import mask_iou, read_image
-    from attnkit.bundled.scenes import HELDOUT_SEED_START, spec_for_seed
+    from attnkit.bundled.scenes import HELDOUT_SEED_START, render_spec, spec_for_seed
     from attnkit.edit import edit
     from attnkit.sampling import generate
 
@@ -102,7 +103,10 @@ def quality(pipe: Any, attribute: str, seeds: int, start: int, cross: float, sel
                 raise RuntimeError("the model draws no readable object in most scenes; is it trained?")
             continue
         color = spec.objects[0].color if attribute == "shape" else new
-        row = {}
+        # the IoU a perfect edit would reach: the ground-truth renders of the two captions' scenes (1 for a
+        # colour swap; below 1 for a shape swap, whose object changes outline in place)
+        row = {"iou_exact": mask_iou(np.logical_or.reduce([o.mask for o in render_spec(spec).objects]),
+                                     np.logical_or.reduce([o.mask for o in render_spec(target_spec).objects]))}
         for name, image in images.items():
             reading = read_image(image)
             row[f"iou_{name}"] = mask_iou(src_fg, _foreground(reading, shape))
@@ -223,7 +227,8 @@ def main() -> None:
     if (args.model_dir / "model_index.json").is_file():
         print(f"(a) quality on the bundled model, {args.seeds} held-out scenes per row, cross {args.cross}, "
               f"self {args.self_}")
-        print(f"{'edit':<12}{'IoU P2P':>9}{'+blend':>8}{'free':>7}{'changed P2P':>13}{'+blend':>8}{'free':>7}")
+        print(f"{'edit':<12}{'IoU P2P':>9}{'+blend':>8}{'free':>7}{'exact':>7}{'changed P2P':>13}{'+blend':>8}"
+              f"{'free':>7}")
         from attnkit.models import load_pipeline
 
         pipe = load_pipeline(str(args.model_dir))
@@ -234,12 +239,14 @@ def main() -> None:
                 continue
             q = quality(pipe, attribute, count, args.seed_start, args.cross, args.self_)
             print(f"{attribute + ' swap':<12}{q['iou_p2p']:>9.3f}{q['iou_blend']:>8.3f}{q['iou_free']:>7.3f}"
+                  f"{q['iou_exact']:>7.3f}"
                   f"{q['changed_p2p']:>13.3f}{q['changed_blend']:>8.3f}{q['changed_free']:>7.3f}"
                   f"   (n={q['n']}; {q['skipped']} skipped: no object in the source image)")
             prefix = "" if attribute == "color" else "shape_"
             summary.update({f"{prefix}layout_iou_controlled": round(q["iou_p2p"], 4),
                             f"{prefix}layout_iou_blend": round(q["iou_blend"], 4),
                             f"{prefix}layout_iou_free": round(q["iou_free"], 4),
+                            f"{prefix}layout_iou_exact_edit": round(q["iou_exact"], 4),
                             f"{prefix}attribute_changed": round(q["changed_p2p"], 4),
                             f"{prefix}attribute_changed_blend": round(q["changed_blend"], 4),
                             f"{prefix}attribute_changed_free": round(q["changed_free"], 4)})
