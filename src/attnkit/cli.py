@@ -278,10 +278,10 @@ def _invert_image(run: _Run, pipe: Any, image: Any, prompt: str, method: str, st
     from attnkit.models import defaults_for
 
     use_ddim(pipe)  # regenerating an inversion needs DDIM; the CLI owns this pipeline
+    options = NullTextOptions(inner_steps=inner_steps, lr=defaults_for(pipe).null_text_lr if lr is None else lr)
     start = time.perf_counter()
     inv = invert(pipe, image, prompt, method=method, steps=steps, guidance=guidance, crop=crop,  # type: ignore[arg-type]
-                 null_text=NullTextOptions(inner_steps=inner_steps, lr=defaults_for(pipe).null_text_lr if lr is None
-                                           else lr), progress=not quiet)
+                 null_text=options, progress=not quiet)
     run.time("invert", start)
     run.record.update(method=method, steps=inv.steps, guidance=inv.guidance, crop=inv.crop.to_dict(),
                       inner_steps=inv.inner_steps, null_text=inv.null_text)

@@ -234,7 +234,8 @@ def make_text_encoder(tok, layers: int = 2):
 
     ``layers`` = 0 keeps each token's embedding to itself (plus its position): a causal encoder with layers
     lets later tokens absorb earlier ones ("red circle" ends up in "circle"), which the model then reads
-    instead of the colour word, so the colour word's cross-attention stops marking its object.
+    instead of the colour word, so the colour word's cross-attention stops marking its object. Without layers
+    the UNet must bind each colour to its shape by position alone, which it learned poorly (model card).
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
