@@ -432,12 +432,21 @@ def train_bundled(
     export_dir: Annotated[Path | None, typer.Option(
         help="Where the trained pipeline is written (default: RUN_DIR/model; pass src/attnkit/bundled/model "
              "to replace the shipped model).")] = None,
+    n_scenes: Annotated[int, typer.Option(help="Training scenes rendered and encoded once (the shipped model: "
+                                               "60000).")] = 100_000,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the UNet and text encoder.")] = 1e-3,
+    restart_schedule: Annotated[bool, typer.Option(
+        help="When resuming, start a new warm-up + cosine schedule from the current step.")] = False,
+    text_layers: Annotated[int, typer.Option(help="Transformer layers of the text encoder (new runs).")] = 2,
+    warm_start: Annotated[Path | None, typer.Option(
+        help="A checkpoint (.safetensors) whose matching tensors initialise a new run.")] = None,
 ) -> None:
     """Retrain the bundled shapes-world model on this machine's CPU (see attnkit/bundled/train.py), then use it
     with --model RUN_DIR/model."""
     from attnkit.bundled.train import train
 
-    train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model")
+    train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", n_scenes=n_scenes, lr=lr,
+          restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start)
 
 
 def _attention_grids(pipe: Any, height: int | None, width: int | None) -> list[int]:
