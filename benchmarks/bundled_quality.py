@@ -30,26 +30,17 @@ import torch.nn.functional as F
 from attnkit import AttentionStore, control
 from attnkit.bundled.checker import mask_iou, read_image, score, validate
 from attnkit.bundled.scenes import spec_for_seed
+from attnkit.tokens import word_spans
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
 BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
 CHECKER_SEED_START = 10_000_000
 
 
-def word_token_positions(tok, caption: str) -> list[list[int]]:
-    """Token positions (after bos) of each whitespace word; CLIP BPE tokenizes words independently."""
-    pos, out = 1, []
-    for w in caption.split():
-        n = len(tok.tokenize(w))
-        out.append(list(range(pos, pos + n)))
-        pos += n
-    return out
-
-
 def object_word_positions(tok, spec) -> list[dict[str, list[int]]]:
     """For each object of ``spec`` (caption order): token positions of its colour word and shape word."""
     words = spec.caption.split()
-    positions = word_token_positions(tok, spec.caption)
+    positions = [list(span.tokens) for span in word_spans(tok, spec.caption)]
     res, i = [], 0
     for obj in spec.objects:
         ci = words.index(obj.color, i)

@@ -441,6 +441,8 @@ def train_unet(
         if restart_schedule:
             state["schedule_start"], state["total_steps"] = state["step"], None
             log(run_dir, "unet: new learning-rate schedule from here")
+        if warm_start is not None:
+            log(run_dir, f"unet: warm start {warm_start} ignored: {run_dir} already has a checkpoint to resume")
     elif warm_start is not None:
         w = load_file(warm_start)
         copied = 0

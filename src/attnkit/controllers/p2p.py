@@ -361,9 +361,9 @@ class LocalBlend(Controller):
     one of two "circle"s.
     ``res`` picks the attention grid (side length); ``None`` takes the largest cross-attention grid of at most
     ``max(16, latent side / 4)`` (16x16 for SD at 512 px, as the paper; 32x32 for SDXL at 1024 px; 16x16 for
-    the bundled model), so no layer indices are tied to one model. Differences from the official code (deliberate): it reads hard-coded layer
-    indices of SD1.x at 512 px and, with more than one target, fails to broadcast its mask; here each target
-    has its own mask. Place it after the editing controllers so it reads the edited maps (as the official
+    the bundled model), so no layer indices are tied to one model. Differences from the official code
+    (deliberate): it reads hard-coded layer indices of SD1.x at 512 px and, with more than one target, fails to
+    broadcast its mask; here each target has its own mask. Place it after the editing controllers so it reads the edited maps (as the official
     store does, by sharing the tensors it edits in place).
     """
 
