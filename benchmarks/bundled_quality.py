@@ -3,8 +3,8 @@
 (a) checker accuracy on ground-truth renders; (b) generated images for held-out prompts (seeds >= 10_000_000,
 never used in training), sampled with the model's own defaults (``attnkit.json``) and fixed generator seeds:
 colour / shape / count / background / fill accuracy read by the rule-based checker, and cross-attention
-localisation IoU (each object's colour word and shape word: its averaged 16x16 cross-attention map, upsampled
-to 64x64 and thresholded at 0.5 x max, vs. that object's mask found by the checker; a missing object scores 0).
+localisation IoU (each object's colour word and shape word vs. that object's mask found by the checker; a
+missing object scores 0; details in ``attnkit.bundled.evaluate``).
 
 Usage::
 
@@ -25,29 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from attnkit import AttentionStore, control
-from attnkit.bundled.checker import mask_iou, read_image, score, validate
+from attnkit.bundled.checker import validate
+from attnkit.bundled.evaluate import generate_scored
 from attnkit.bundled.scenes import spec_for_seed
-from attnkit.tokens import word_spans
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
 BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
 CHECKER_SEED_START = 10_000_000
-
-
-def object_word_positions(tok, spec) -> list[dict[str, list[int]]]:
-    """For each object of ``spec`` (caption order): token positions of its colour word and shape word."""
-    words = spec.caption.split()
-    positions = [list(span.tokens) for span in word_spans(tok, spec.caption)]
-    res, i = [], 0
-    for obj in spec.objects:
-        ci = words.index(obj.color, i)
-        si = words.index(obj.shape, ci)
-        res.append({"color": positions[ci], "shape": positions[si]})
-        i = si + 1
-    return res
 
 
 def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8) -> dict:
@@ -64,7 +49,6 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
     steps = defaults["num_inference_steps"]
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    tok = pipe.tokenizer
     n = n_gen or (48 if quick else 200)
     specs = [spec_for_seed(BENCH_SEED_START + i) for i in range(n)]
     keys = ("color", "shape", "count", "background", "fill")
@@ -74,29 +58,16 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
     t_gen = 0.0
     for start in range(0, n, batch):
         chunk = specs[start : start + batch]
-        store = AttentionStore(kinds="cross", res=16)  # conditional half, mean over heads/layers/steps
-        gens = [torch.Generator().manual_seed(BENCH_SEED_START + start + j) for j in range(len(chunk))]
         ts = time.time()
-        with torch.no_grad(), control(pipe, store):
-            imgs = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=g,
-                        generator=gens, height=64, width=64).images
+        seeds = range(BENCH_SEED_START + start, BENCH_SEED_START + start + len(chunk))
+        results = generate_scored(pipe, chunk, seeds, g, steps)
         t_gen += time.time() - ts
-        maps = store.maps("cross", res=16).permute(0, 3, 1, 2)  # (B, tokens, 16, 16)
-        maps = F.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False).numpy()
-        for b, (img, spec) in enumerate(zip(imgs, chunk, strict=True)):
-            reading = read_image(img)
-            r = score(reading, spec)
+        for r in results:
             failures += r["n_found"] == 0
             for k in keys:
                 tot[k] += r[k]
-            for oi, wp in enumerate(object_word_positions(tok, spec)):
-                found = r["matches"].get(oi)
-                for kind in ("color", "shape"):
-                    if found is None:
-                        ious[kind].append(0.0)
-                        continue
-                    m = maps[b, wp[kind]].mean(0)
-                    ious[kind].append(mask_iou(m >= 0.5 * m.max(), found.mask))
+            for kind in ious:
+                ious[kind] += r["iou"][kind]
         print(f"  generated {min(start + batch, n)}/{n}", file=sys.stderr, flush=True)
     # wall time of one single-prompt generation at the defaults (the brief's <= 1 s per image)
     single = []

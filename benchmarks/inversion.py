@@ -46,7 +46,7 @@ from PIL import Image
 
 from attnkit.bundled.checker import mask_iou, read_image
 from attnkit.bundled.scenes import COLORS, SIZE, caption_for, render_scene
-from attnkit.images import fit_image, psnr
+from attnkit.images import fit_image, paste_outside, psnr
 from attnkit.inversion import (
     NullTextOptions,
     decode,
@@ -101,20 +101,33 @@ def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None, blend:
     result = edit_image(pipe, inversion, target, blend=_blend_words(scene, blend, old, new), blend_res=blend_res,
                         maps=False, progress=False)
     edited = _full_size(result.edits[0])
-    before, after = read_image(scene.image), read_image(edited)
+    # what edit_image(..., paste_unedited=True) returns, from the same run: the input pasted back outside the mask
+    pasted = _full_size(paste_outside(result.edits[0], inversion.image, result.blend_masks[1]))
+    before = read_image(scene.image)
     source_object = _largest(before, old)
     source_mask = source_object.mask if source_object is not None else scene.objects[0].mask
-    moved = _largest(after, new)
-    row = {"seed": seed, "target": target, "iou": mask_iou(source_mask, moved.mask) if moved else 0.0,
-           "color_changed": bool(moved is not None and _largest(after, old) is None)}
+    row = {"seed": seed, "target": target}
+    for suffix, image in (("", edited), ("_pasted", pasted)):
+        after = read_image(image)
+        moved = _largest(after, new)
+        row["iou" + suffix] = mask_iou(source_mask, moved.mask) if moved else 0.0
+        row["color_changed" + suffix] = bool(moved is not None and _largest(after, old) is None)
     others = [o.mask for o in scene.objects[1:]]
     if others:
         keep = np.logical_or.reduce(others)
         row["untouched_psnr"] = psnr(edited, scene.image, mask=keep)
         row["untouched_psnr_vs_source"] = psnr(edited, _full_size(result.source), mask=keep)
+        row["untouched_mse_pasted"] = _mse(pasted, scene.image, keep)
+        row["untouched_pixels"] = int(keep.sum())
         if roundtrip is not None:  # what the autoencoder alone keeps of those pixels: the ceiling
             row["untouched_psnr_ceiling"] = psnr(roundtrip, scene.image, mask=keep)
     return row
+
+
+def _mse(a: Image.Image, b: Image.Image, mask: np.ndarray) -> float:
+    """Mean squared error on [0, 1] over ``mask``: pooled over scenes, since a pasted edit is often exact."""
+    x, y = (np.asarray(i, np.float64)[mask] / 255.0 for i in (a, b))
+    return float(np.mean((x - y) ** 2))
 
 
 def _null_text(pipe, ddim, guidance: float, options: NullTextOptions):
@@ -207,7 +220,7 @@ def report(result: dict) -> dict:
                   f"{mean - ddim_mean:>+7.2f} | {mean - roundtrip:>+10.2f} | {extra}")
             summary[f"psnr_{name}_{tag}"] = mean
     if edits:
-        iou = [e["iou"] for e in edits]
+        iou, iou_pasted = [e["iou"] for e in edits], [e["iou_pasted"] for e in edits]
         print(f"\nColour-swap edit from null-text inversion (guidance {guidances[-1]:g}, local blend on "
               f"{result['blend']}), {len(edits)} scenes")
         print(f"layout IoU mean {_mean(iou):.3f} (median {statistics.median(iou):.3f}, >= 0.8 in "
@@ -216,6 +229,19 @@ def report(result: dict) -> dict:
               f"vs the edit's own source row {_mean(e.get('untouched_psnr_vs_source') for e in edits):.2f} dB, "
               f"VAE round trip on the same pixels (ceiling) {_mean(e.get('untouched_psnr_ceiling') for e in edits):.2f} dB "
               f"({sum('untouched_psnr' in e for e in edits)} scenes with 2+ objects)")
+        with_others = [e for e in edits if "untouched_pixels" in e]
+        pooled = (sum(e["untouched_mse_pasted"] * e["untouched_pixels"] for e in with_others)
+                  / max(1, sum(e["untouched_pixels"] for e in with_others)))
+        pasted_psnr = 10 * np.log10(1 / pooled) if pooled > 0 else float("inf")
+        exact = sum(e["untouched_mse_pasted"] == 0 for e in with_others)
+        print(f"with the input pasted back outside the blend mask (paste_unedited=True): layout IoU mean "
+              f"{_mean(iou_pasted):.3f} (>= 0.8 in {sum(v >= 0.8 for v in iou_pasted)}/{len(iou_pasted)}); colour "
+              f"changed {sum(e['color_changed_pasted'] for e in edits)}/{len(edits)}; untouched-object PSNR "
+              f"{pasted_psnr:.2f} dB (pooled over the pixels of {len(with_others)} scenes; identical to the input "
+              f"in {exact})")
+        summary.update(edit_pasted_layout_iou=_mean(iou_pasted),
+                       edit_pasted_untouched_psnr=pasted_psnr if np.isfinite(pasted_psnr) else None,
+                       edit_pasted_untouched_identical=exact)
         summary.update(edit_layout_iou=_mean(iou), edit_color_changed=_mean(float(e["color_changed"]) for e in edits),
                        edit_untouched_psnr=_mean(e.get("untouched_psnr") for e in edits),
                        edit_untouched_psnr_vs_source=_mean(e.get("untouched_psnr_vs_source") for e in edits),

@@ -89,6 +89,7 @@ def test_maps_defaults_to_every_word(tmp_path):
     (["maps", PROMPT, "--self-at", "middle"], "Y,X"),
     (["generate", " ".join(["red"] * 100)], "tokens long"),
     (["generate", PROMPT, "--dtype", "int8"], "unknown dtype"),
+    (["edit", PROMPT, "--to", PROMPT.replace("blue", "green"), "--blend", "green", "--paste-unedited"], "--image"),
 ])
 def test_bad_input_gives_clear_error_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from attnkit.engine import AttnkitError
-from attnkit.images import Crop, fit_image, image_to_tensor, load_image, psnr
+from attnkit.images import Crop, fit_image, image_to_tensor, load_image, paste_outside, psnr
 
 
 def test_load_image_from_path_pil_and_array(tmp_path):
@@ -91,3 +92,17 @@ def test_image_to_tensor_range_and_psnr():
     mask[2:] = True
     assert psnr(half, np.zeros_like(half), mask=mask) == float("inf")
     assert psnr(half, np.zeros_like(half)) == pytest.approx(10 * np.log10(2))
+
+
+def test_paste_outside_keeps_the_original_outside_and_the_edit_inside():
+    rng = np.random.default_rng(1)
+    edited, original = (Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(2))
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:12, 4:12] = True  # pixels 16..47
+    out = np.asarray(paste_outside(edited, original, mask))
+    assert (out[22:42, 22:42] == np.asarray(edited)[22:42, 22:42]).all()
+    assert (out[:10] == np.asarray(original)[:10]).all() and (out[54:] == np.asarray(original)[54:]).all()
+    edge = out[15:17, 30]  # the feathered seam mixes the two
+    assert not (edge == np.asarray(original)[15:17, 30]).all()
+    with pytest.raises(AttnkitError, match="paste"):
+        paste_outside(edited, original.resize((32, 32)), mask)

@@ -178,6 +178,30 @@ def test_editing_a_null_text_inversion_keeps_the_reconstruction_as_source(fixtur
     assert (result.latents[1:].float() - reference).abs().max() > 1e-4  # the edit row really differs
 
 
+def test_paste_unedited_keeps_the_input_pixels_outside_the_blend_mask(sd_v, picture):
+    inv = invert(sd_v, picture, PROMPT, method="negative-prompt", steps=3, progress=False)
+    target = "a blue circle on a white background"
+    # the tiny random model's maps are flat: threshold 0.97 leaves most of the grid unblended
+    options = dict(blend=["red", "blue"], blend_threshold=0.97, maps=False, progress=False)
+    plain = edit_image(sd_v, inv, target, **options)
+    pasted = edit_image(sd_v, inv, target, paste_unedited=True, **options)
+    mask = pasted.blend_masks[1]
+    assert 0 < int(mask.sum()) < mask.numel()
+    # latent cells two cells away from the mask are far outside the feathered edge: exactly the input there
+    def pixels(cells: torch.Tensor) -> np.ndarray:
+        cell = inv.image.size[0] // mask.shape[-1]
+        return cells.repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
+
+    far = pixels(~torch.nn.functional.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0].bool())
+    edited, original, latent_only = (np.asarray(x) for x in (pasted.edits[0], inv.image, plain.edits[0]))
+    assert far.any() and (edited[far] == original[far]).all()  # 2 cells beyond the feathered edge
+    assert (latent_only[far] != original[far]).any()  # the latent path alone does not keep them
+    assert (edited != original).any()  # inside the mask the edit shows
+    assert pasted.settings["paste_unedited"] is True
+    with pytest.raises(AttnkitError, match="blend"):
+        edit_image(sd_v, inv, target, paste_unedited=True, maps=False, progress=False)
+
+
 def test_regeneration_needs_a_ddim_scheduler(picture):
     pipe = tiny_pipeline("sd")
     inv = invert(pipe, picture, PROMPT, method="ddim", steps=3, progress=False)

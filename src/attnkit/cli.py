@@ -378,6 +378,8 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
              help="Scale a word's attention in the edits: WORD=F (repeatable; negative allowed).")] = None,
          image: Annotated[str | None, typer.Option(help="Edit this real image (inverted first; SOURCE is its "
                                                    "caption).")] = None,
+         paste_unedited: Annotated[bool, typer.Option(
+             help="With --image and --blend: keep the input's own pixels outside the blend region.")] = False,
          method: Method = "null-text", inner_steps: InnerSteps = 10, crop: CropOpt = "center",
          model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
          height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
@@ -393,6 +395,11 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
     window = _parse_window(cross, "--cross")
     per_word = _parse_weights(cross_word, "--cross-word")
     options["cross"] = {"default_": window, **per_word} if per_word else window
+    if paste_unedited and (image is None or not blend):
+        from attnkit.engine import AttnkitError
+
+        raise AttnkitError("--paste-unedited keeps a real image's pixels outside the local-blend region: "
+                           "pass it with --image and --blend")
     picture = None
     if image is not None:
         from attnkit.images import load_image
@@ -411,7 +418,7 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
 
             run.record["image"] = str(image)
             inv = _invert_image(run, pipe, picture, source, method, steps, guidance, inner_steps, crop, quiet)
-            result = edit_image(pipe, inv, list(to), maps=False, **options)
+            result = edit_image(pipe, inv, list(to), maps=False, paste_unedited=paste_unedited, **options)
         run.time("edit", start)
         run.record.update(json.loads(json.dumps(result.settings)))
         captions = [f"source: {source}", *to]

@@ -42,6 +42,7 @@ class EditResult:
     latents: torch.Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     generation: Generation | None = None
+    blend_masks: torch.Tensor | None = None  # (prompts, h, w) bool: local blend's final masks, latent grid
 
     @property
     def source(self) -> Any:
@@ -182,5 +183,7 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
         "blend_res": blend_res, "reweight": reweight, "inverted_latents": latents is not None,
         "null_text": uncond_embeddings is not None, "seconds": round(gen.seconds, 3),
     }
+    blends = [c for c in controllers if isinstance(c, LocalBlend) and c.last_mask is not None]
+    masks = blends[0].last_mask[:, 0].cpu() if blends else None
     return EditResult(images=gen.images, prompts=prompts, store=store, latents=gen.latents, settings=settings,
-                      generation=gen)
+                      generation=gen, blend_masks=masks)

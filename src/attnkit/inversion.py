@@ -594,16 +594,28 @@ def reconstruct(pipe: Any, inversion: Inversion, guidance: float | None = None, 
     return generate_from(pipe, inversion, guidance=guidance, progress=progress).images[0]
 
 
-def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], **options: Any) -> Any:
+def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, paste_unedited: bool = False,
+               **options: Any) -> Any:
     """Prompt-to-Prompt edit of an inverted real image: :func:`attnkit.edit.edit` with the inversion's
     prompt as source, ``x_T`` as the shared start and its unconditional embeddings at every step. Steps and
     size come from the inversion; ``guidance`` defaults to the one it was made for.
-    ``edit_image(pipe, inv, "a blue circle on a white background", blend=["blue"]).edits[0]``"""
+    ``edit_image(pipe, inv, "a blue circle on a white background", blend=["blue"]).edits[0]``
+
+    ``paste_unedited=True`` (needs ``blend`` words) finishes each edit by pasting the input image back outside
+    its local-blend mask (:func:`attnkit.images.paste_outside`): the unedited pixels are then the user's own,
+    not the autoencoder's round trip of them.
+    """
     from attnkit.edit import edit
+    from attnkit.images import paste_outside
 
     for fixed in ("steps", "height", "width", "latents", "uncond_embeddings", "seed"):
         if fixed in options:
             raise AttnkitError(f"{fixed}= is fixed by the inversion when editing a real image: leave it out")
+    if paste_unedited and not options.get("blend"):
+        raise AttnkitError("paste_unedited needs local-blend words to know what is edited: pass blend=[...]")
+    if paste_unedited and inversion.image is None:
+        raise AttnkitError("paste_unedited needs the input image, and this inversion has none: invert the image "
+                           "again (Inversion.save keeps it as image.png)")
     inversion.check_pipeline(pipe)
     unet = pipe.unet
     uncond = pooled = None
@@ -613,10 +625,15 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], **opti
             pooled = inversion.uncond_pooled[:1].to(unet.device, unet.dtype)
     width, height = inversion.size
     guidance = options.pop("guidance", None)
-    return edit(pipe, inversion.prompt, targets, steps=inversion.steps, height=height, width=width,
-                guidance=inversion.guidance if guidance is None else guidance,
-                latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond,
-                uncond_pooled=pooled, **options)
+    result = edit(pipe, inversion.prompt, targets, steps=inversion.steps, height=height, width=width,
+                  guidance=inversion.guidance if guidance is None else guidance,
+                  latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond,
+                  uncond_pooled=pooled, **options)
+    if paste_unedited:
+        result.images[1:] = [paste_outside(image, inversion.image, mask)
+                             for image, mask in zip(result.images[1:], result.blend_masks[1:], strict=True)]
+    result.settings["paste_unedited"] = paste_unedited
+    return result
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 from transformers import CLIPTokenizer
 
-from attnkit.bundled.scenes import VOCABULARY, render_scene
-from attnkit.bundled.tokenizer import MODEL_MAX_LENGTH, SPLIT_WORDS, build_tokenizer
+from attnkit.bundled.scenes import VOCABULARY, ObjectSpec, SceneSpec, render_scene
+from attnkit.bundled.tokenizer import MODEL_MAX_LENGTH, SPLIT_WORDS, build_tokenizer, object_word_tokens
 
 
 def test_round_trip_and_vocabulary(tmp_path):
@@ -29,3 +29,13 @@ def test_multi_token_word_exists(tmp_path):
     assert len(tok.tokenize("background")) == 2
     longest = "a purple outlined triangle and a yellow outlined diamond and a green outlined square on a grey background"
     assert len(tok(longest).input_ids) <= MODEL_MAX_LENGTH
+
+
+def test_object_word_tokens_follow_the_caption(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    spec = SceneSpec("black", (ObjectSpec("circle", "red", "solid", (20, 20), 10),
+                               ObjectSpec("circle", "blue", "outlined", (44, 44), 10)))
+    # <bos> a red circle and a blue out lined circle on a black back ground
+    #   0   1  2    3     4  5   6   7    8     9    10 11  12    13   14
+    assert object_word_tokens(tok, spec) == [{"color": [2], "fill": [], "shape": [3]},
+                                             {"color": [6], "fill": [7, 8], "shape": [9]}]

@@ -44,7 +44,50 @@ def test_train_export_resume_and_warm_start(tmp_path):
     for name in ("vae", "tokenizer", "data"):
         (other / name).symlink_to(run / name)
     trainer.train_unet(other, 0.01, 16, export_dir=tmp_path / "export2", text_layers=1,
-                       warm_start=run / "ckpt" / "ema.safetensors", **TOY)
+                       warm_start=run / "ckpt" / "ema.safetensors", ground_weight=0.1, **TOY)
     line = next(x for x in _log(other).splitlines() if "warm start" in x)
     copied, total = map(int, line.rsplit(": ", 1)[1].split()[0].split("/"))
     assert 0 < copied < total  # the new transformer layer has nothing to copy from
+    grounding = torch.load(other / "unet_state.pt", weights_only=False)["state"]["last_grounding"]
+    assert 0 < grounding <= 1  # the grounding loss ran
+    info = json.loads((tmp_path / "export2" / "training_info.json").read_text())
+    assert info["ground_weight"] == 0.1 and "iou" in info["eval"]["1.5"]
+
+
+def test_grounding_targets_mark_each_object_words_with_its_mask(tmp_path):
+    from attnkit.bundled.scenes import render_scene
+    from attnkit.bundled.tokenizer import build_tokenizer, object_word_tokens
+
+    tok = build_tokenizer(tmp_path)
+    seeds = [0, 1, 2]
+    targets = trainer.grounding_targets(tok, seeds, torch.tensor([False, True, False]))
+    target, weight = targets[16]
+    assert target.shape == (3, tok.model_max_length, 256) and weight.shape == (3, tok.model_max_length)
+    assert weight[1].sum() == 0 and target[1].sum() == 0  # a dropped caption has no target
+    scene = render_scene(0)
+    words = object_word_tokens(tok, scene.spec)
+    for obj, positions in zip(scene.objects, words, strict=True):
+        cells = torch.from_numpy(obj.mask.reshape(16, 4, 16, 4).mean(axis=(1, 3)).reshape(-1)).float()
+        for p in positions["color"] + positions["fill"] + positions["shape"]:
+            assert weight[0, p] == 1 and torch.equal(target[0, p], cells)
+    grounded = {p for w in words for k in ("color", "fill", "shape") for p in w[k]}
+    assert set(torch.nonzero(weight[0]).flatten().tolist()) == grounded  # "a", "and", "on", ... are not
+    assert targets[8][0].shape[-1] == 64
+
+
+def test_grounding_loss_is_zero_inside_and_one_outside_the_mask():
+    target = torch.zeros(1, 3, 4)
+    target[0, 1, :2] = 1.0  # token 1's object covers the first two of four cells
+    weight = torch.tensor([[0.0, 1.0, 0.0]])
+    targets = {2: (target, weight)}
+    inside = torch.zeros(1, 4, 3)
+    inside[0, :2, 1] = 0.5  # all of token 1's attention on its object
+    outside = torch.zeros(1, 4, 3)
+    outside[0, 2:, 1] = 0.5
+    assert trainer.grounding_loss([inside], targets).item() == 0.0
+    assert trainer.grounding_loss([outside], targets).item() == 1.0
+    half = (inside + outside) / 2
+    assert abs(trainer.grounding_loss([half], targets).item() - 0.25) < 1e-6
+    logits = torch.zeros(1, 4, 3, requires_grad=True)  # gradients reach the attention scores
+    trainer.grounding_loss([logits.softmax(dim=1)], targets).backward()
+    assert logits.grad[0, :2, 1].lt(0).all() and logits.grad[0, 2:, 1].gt(0).all()

@@ -109,3 +109,24 @@ def build_tokenizer(folder: str | Path):
     )
     tok.save_pretrained(str(folder))
     return tok
+
+
+def object_word_tokens(tokenizer, spec) -> list[dict[str, list[int]]]:
+    """Token positions of each object's colour, fill and shape words in ``spec.caption`` (caption order).
+
+    ``fill`` is empty for solid objects (no fill word). Usage::
+
+        object_word_tokens(pipe.tokenizer, render_scene(10_000_000).spec)[0]["color"]   # e.g. [2]
+    """
+    from attnkit.tokens import word_spans
+
+    spans = word_spans(tokenizer, spec.caption)
+    words = [s.word for s in spans]
+    res, i = [], 0
+    for obj in spec.objects:
+        ci = words.index(obj.color, i)
+        si = words.index(obj.shape, ci)
+        fill = [p for s in spans[ci + 1 : si] for p in s.tokens]  # "outlined" when present
+        res.append({"color": list(spans[ci].tokens), "fill": fill, "shape": list(spans[si].tokens)})
+        i = si + 1
+    return res

@@ -26,13 +26,16 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import AttentionCall, Controller, Layout, control
 from ..images import psnr
 from .scenes import SIZE, render_scene
+from .tokenizer import object_word_tokens
 
 DEFAULT_EXPORT = Path(__file__).resolve().parent / "model"
 VAE_SEED_OFFSET = 9_000_000  # the VAE trains on seeds 9_000_000.. (still inside TRAIN_SEEDS)
@@ -352,26 +355,24 @@ def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
 EVAL_SEED_START = 10_500_000  # held-out seeds used by the periodic evaluation (benchmarks use others)
 
 
-@torch.no_grad()
 def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16) -> dict:
-    """Generate ``n`` held-out prompts and score them with the checker (means over objects/images)."""
-    from .checker import read_image, score
+    """Generate ``n`` held-out prompts and score them: checker attributes and localisation ``iou`` (means over
+    images; ``mean`` averages all six, the figures of ``benchmarks/bundled_quality.py``)."""
+    from .evaluate import IOU_WORDS, generate_scored
     from .scenes import spec_for_seed
 
     keys = ("color", "shape", "count", "background", "fill")
     tot = dict.fromkeys(keys, 0.0)
-    specs = [spec_for_seed(EVAL_SEED_START + i) for i in range(n)]
+    ious: list[float] = []
     for i in range(0, n, batch):
-        chunk = specs[i : i + batch]
-        gens = [torch.Generator().manual_seed(EVAL_SEED_START + i + j) for j in range(len(chunk))]
-        imgs = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                    generator=gens, height=SIZE, width=SIZE).images
-        for img, spec in zip(imgs, chunk, strict=True):
-            r = score(read_image(img), spec)
+        seeds = range(EVAL_SEED_START + i, EVAL_SEED_START + min(n, i + batch))
+        for r in generate_scored(pipe, [spec_for_seed(s) for s in seeds], seeds, guidance, steps):
             for k in keys:
                 tot[k] += r[k]
+            ious += [v for kind in IOU_WORDS for v in r["iou"][kind]]
     res = {k: v / n for k, v in tot.items()}
-    res["mean"] = float(np.mean([res[k] for k in keys]))
+    res["iou"] = float(np.mean(ious))
+    res["mean"] = float(np.mean([res[k] for k in (*keys, "iou")]))
     return res
 
 
@@ -382,6 +383,56 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
     with torch.no_grad():
         torch._foreach_mul_(ema, decay)
         torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+
+
+GROUND_RES = (16, 8)  # latent grids whose cross-attention the grounding loss supervises
+
+
+class _CrossAttentionTap(Controller):
+    """Collects every cross-attention map of one UNet call, with gradients (for the grounding loss)."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+
+    def observe(self, call: AttentionCall) -> None:
+        if call.is_cross and call.height in GROUND_RES:
+            self.maps.append(call.probs().mean(dim=1))  # (B, queries, tokens), mean over heads
+
+
+def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per grid size: (target (B, tokens, H*W) = each grounded token's object mask, weight (B, tokens)).
+
+    Grounded tokens are an object's colour, fill and shape words; their target is the object's visible mask
+    (area fraction per latent cell). Captions dropped for classifier-free guidance get no target.
+    """
+    length = tok.model_max_length
+    out = {}
+    for r in GROUND_RES:
+        out[r] = (torch.zeros(len(seeds), length, r * r), torch.zeros(len(seeds), length))
+    for b, seed in enumerate(seeds):
+        if dropped[b]:
+            continue
+        scene = render_scene(int(seed))
+        for obj, words in zip(scene.objects, object_word_tokens(tok, scene.spec), strict=True):
+            positions = words["color"] + words["fill"] + words["shape"]
+            for r, (target, weight) in out.items():
+                f = SIZE // r
+                cells = obj.mask.reshape(r, f, r, f).mean(axis=(1, 3)).reshape(-1)
+                target[b, positions] = torch.from_numpy(cells.astype(np.float32))
+                weight[b, positions] = 1.0
+    return out
+
+
+def grounding_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024): ``(1 - attention mass inside the mask)²`` per
+    grounded token and layer, averaged; ``maps`` are ``(B, H*W, tokens)`` probabilities."""
+    losses = []
+    for a in maps:
+        target, weight = targets[math.isqrt(a.shape[1])]
+        a = a.transpose(1, 2)  # (B, tokens, H*W)
+        inside = (a * target).sum(-1) / (a.sum(-1) + 1e-8)
+        losses.append(((1 - inside) ** 2 * weight).sum() / weight.sum().clamp(min=1.0))
+    return torch.stack(losses).mean()
 
 
 def train_unet(
@@ -400,11 +451,13 @@ def train_unet(
     text_layers: int = 2,
     warm_start: Path | None = None,
     restart_schedule: bool = False,
+    ground_weight: float = 0.0,
 ) -> None:
     """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable).
 
     ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
-    initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step.
+    initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step;
+    ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss.
     """
     from safetensors.torch import load_file, save_file
 
@@ -495,7 +548,7 @@ def train_unet(
                 info = {"step": state["step"], "samples_seen": state["samples"],
                         "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
                         "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed,
-                        "text_layers": text_layers}
+                        "text_layers": text_layers, "ground_weight": ground_weight}
                 export_model(pipe, export_dir, defaults, info)
                 log(run_dir, f"exported to {export_dir} (mean {state['best']:.3f}, guidance {best_g})")
         except Exception as exc:  # an evaluation bug must not kill hours of training
@@ -515,6 +568,7 @@ def train_unet(
     unet.train()
     te.train()
     losses: list[float] = []
+    ground_losses: list[float] = []
     t_log = time.time()
     while time.time() < end:
         step = state["step"]
@@ -550,8 +604,19 @@ def train_unet(
         xt = a * x0 + s * noise
         v = a * noise - s * x0
         enc = te(tids).last_hidden_state
-        pred = unet(xt, t, enc).sample
-        loss = F.mse_loss(pred, v)
+        if ground_weight > 0:
+            # dataset row i is the scene of training seed i, so its masks are one render away
+            targets = grounding_targets(tok, idx.tolist(), drop)
+            tap = _CrossAttentionTap()
+            with control(SimpleNamespace(unet=unet), tap, layout=Layout(prompts=batch, cfg=False)) as ctl:
+                ctl.set_step(0, 1)
+                pred = unet(xt, t, enc).sample
+            g_loss = grounding_loss(tap.maps, targets)
+            ground_losses.append(g_loss.item())
+        else:
+            pred = unet(xt, t, enc).sample
+        mse = F.mse_loss(pred, v)
+        loss = mse + ground_weight * g_loss if ground_weight > 0 else mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -559,13 +624,14 @@ def train_unet(
         _ema_update(ema, params, min(0.999, (1 + step) / (10 + step)))
         state["step"] = step + 1
         state["samples"] += batch
-        losses.append(loss.item())
+        losses.append(mse.item())
         now = time.time()
         state["seconds"] += now - t_log
         t_log = now
         if state["step"] % 50 == 0:
             state["last_loss"] = float(np.mean(losses[-50:]))
-            log(run_dir, f"step {state['step']} loss {state['last_loss']:.4f} lr {cur_lr:.2e} "
+            grounding = f" grounding {np.mean(ground_losses[-50:]):.4f}" if ground_losses else ""
+            log(run_dir, f"step {state['step']} loss {state['last_loss']:.4f}{grounding} lr {cur_lr:.2e} "
                          f"{state['samples'] / state['seconds']:.1f} samples/s, {state['samples']} seen")
         if now - last_ckpt > 300:
             save_ckpt()
@@ -573,6 +639,8 @@ def train_unet(
         if now - last_eval > eval_every_min * 60:
             evaluate_and_export()
             last_eval = t_log = time.time()
+    if ground_losses:
+        state["last_grounding"] = float(np.mean(ground_losses[-50:]))
     evaluate_and_export()
     save_ckpt()
     log(run_dir, f"unet: stopped at step {state['step']} ({state['samples']} samples, "
@@ -593,6 +661,7 @@ def train(
     text_layers: int = 2,
     warm_start: str | Path | None = None,
     restart_schedule: bool = False,
+    ground_weight: float = 0.0,
 ) -> None:
     """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
 
@@ -608,7 +677,7 @@ def train(
         minutes = (end_at - time.time()) / 60
     train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir),
                text_layers=text_layers, warm_start=Path(warm_start) if warm_start else None,
-               restart_schedule=restart_schedule)
+               restart_schedule=restart_schedule, ground_weight=ground_weight)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -626,9 +695,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-layers", type=int, default=2, help="transformer layers of the text encoder")
     p.add_argument("--warm-start", default=None, help="checkpoint .safetensors initialising a fresh run")
     p.add_argument("--restart-schedule", action="store_true", help="new warm-up + cosine when resuming")
+    p.add_argument("--ground-weight", type=float, default=0.0,
+                   help="weight of the loss that keeps each object word's cross-attention on its object")
     a = p.parse_args(argv)
     train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
-          a.end_at, a.text_layers, a.warm_start, a.restart_schedule)
+          a.end_at, a.text_layers, a.warm_start, a.restart_schedule, a.ground_weight)
 
 
 if __name__ == "__main__":

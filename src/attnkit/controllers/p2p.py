@@ -407,6 +407,7 @@ class LocalBlend(Controller):
         self._ctl = ctl
         self.sums: dict[int, list] = {}  # grid side → [add-word sum, subtract-word sum, layer calls]
         self.chosen: int | None = self.res
+        self.last_mask: torch.Tensor | None = None
 
     def _selector(self, token_lists: list[list[int]], keys: int, device: Any) -> torch.Tensor:
         sel = torch.zeros(len(self.prompts), keys, device=device)
@@ -470,7 +471,9 @@ class LocalBlend(Controller):
             self.sums = {self.chosen: self.sums[self.chosen]}
         if step < int(self.start * ctl.num_steps):
             return {}
-        mask = self.mask(hw).to(latents.dtype)
+        mask = self.mask(hw)
+        self.last_mask = mask  # the region each target could change: what a final pixel paste-back keeps
+        mask = mask.to(latents.dtype)
         source = latents[:1]
         blended = source + mask[1:] * (latents[1:] - source)
         return {"latents": torch.cat([source, blended])}
