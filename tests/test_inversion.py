@@ -198,6 +198,7 @@ def test_paste_unedited_keeps_the_input_pixels_outside_the_blend_mask(sd_v, pict
     assert (latent_only[far] != original[far]).any()  # the latent path alone does not keep them
     assert (edited != original).any()  # inside the mask the edit shows
     assert pasted.settings["paste_unedited"] is True
+    assert plain.settings["self"] == 0.5  # real images: the null-text notebook's self-attention window
     with pytest.raises(AttnkitError, match="blend"):
         edit_image(sd_v, inv, target, paste_unedited=True, maps=False, progress=False)
 

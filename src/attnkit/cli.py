@@ -368,8 +368,9 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
          cross: Annotated[str, typer.Option(help="Cross-attention replacement: a fraction or START,END.")] = "0.8",
          cross_word: Annotated[list[str] | None, typer.Option(
              help="Per-word cross-attention replacement fraction WORD=F (repeatable).")] = None,
-         self_steps: Annotated[str, typer.Option("--self", help="Self-attention replacement: a fraction or "
-                                                  "START,END.")] = "0.4",
+         self_steps: Annotated[str | None, typer.Option(
+             "--self", help="Self-attention replacement: a fraction or START,END (default 0.4; 0.5 with "
+                            "--image, as the null-text paper's notebook).")] = None,
          self_res: Annotated[int, typer.Option(help="Largest self-attention grid side replaced (paper: 16).")] = 16,
          blend: Annotated[list[str] | None, typer.Option(
              help="Local blend: a word whose region may change (repeatable); the rest stays.")] = None,
@@ -389,9 +390,11 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
     from attnkit.edit import edit as p2p_edit
     from attnkit.viz import image_grid
 
-    options: dict[str, Any] = dict(kind=kind, self=_parse_window(self_steps, "--self"), self_res=self_res,
-                                   blend=list(blend) if blend else None, blend_threshold=blend_threshold,
+    options: dict[str, Any] = dict(kind=kind, self_res=self_res, blend=list(blend) if blend else None,
+                                   blend_threshold=blend_threshold,
                                    reweight=_parse_weights(reweight, "--reweight") or None, progress=not quiet)
+    if self_steps is not None:  # else the library's default for generated / real images
+        options["self"] = _parse_window(self_steps, "--self")
     window = _parse_window(cross, "--cross")
     per_word = _parse_weights(cross_word, "--cross-word")
     options["cross"] = {"default_": window, **per_word} if per_word else window

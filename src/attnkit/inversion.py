@@ -45,6 +45,7 @@ Method = Literal["ddim", "null-text", "negative-prompt"]
 METHODS: tuple[str, ...] = ("ddim", "null-text", "negative-prompt")
 FORMAT = "attnkit-inversion"
 VERSION = 1
+REAL_IMAGE_SELF_STEPS = 0.5  # self-attention replacement of real-image edits (null-text notebook)
 TENSORS_FILE, RECORD_FILE, IMAGE_FILE = "inversion.safetensors", "inversion.json", "image.png"
 
 
@@ -601,6 +602,8 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, pas
     size come from the inversion; ``guidance`` defaults to the one it was made for.
     ``edit_image(pipe, inv, "a blue circle on a white background", blend=["blue"]).edits[0]``
 
+    Self-attention is replaced for the first half of the steps (``self=0.5``, the null-text paper's notebook;
+    generated images use Prompt-to-Prompt's 0.4): a real image's layout needs the firmer hold.
     ``paste_unedited=True`` (needs ``blend`` words) finishes each edit by pasting the input image back outside
     its local-blend mask (:func:`attnkit.images.paste_outside`): the unedited pixels are then the user's own,
     not the autoencoder's round trip of them.
@@ -625,6 +628,7 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, pas
             pooled = inversion.uncond_pooled[:1].to(unet.device, unet.dtype)
     width, height = inversion.size
     guidance = options.pop("guidance", None)
+    options.setdefault("self", REAL_IMAGE_SELF_STEPS)
     result = edit(pipe, inversion.prompt, targets, steps=inversion.steps, height=height, width=width,
                   guidance=inversion.guidance if guidance is None else guidance,
                   latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond,
