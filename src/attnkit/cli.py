@@ -450,13 +450,17 @@ def train_bundled(
     text_layers: Annotated[int, typer.Option(help="Transformer layers of the text encoder (new runs).")] = 2,
     warm_start: Annotated[Path | None, typer.Option(
         help="A checkpoint (.safetensors) whose matching tensors initialise a new run.")] = None,
+    ground_weight: Annotated[float, typer.Option(
+        help="Weight of the grounding loss that keeps each object word's cross-attention on its object "
+             "(the shipped model's fine-tuning: 0.1).")] = 0.0,
 ) -> None:
     """Retrain the bundled shapes-world model on this machine's CPU (see attnkit/bundled/train.py), then use it
     with --model RUN_DIR/model."""
     from attnkit.bundled.train import train
 
     train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", n_scenes=n_scenes, lr=lr,
-          restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start)
+          restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start,
+          ground_weight=ground_weight)
 
 
 def _attention_grids(pipe: Any, height: int | None, width: int | None) -> list[int]:
