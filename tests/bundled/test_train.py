@@ -75,19 +75,21 @@ def test_grounding_targets_mark_each_object_words_with_its_mask(tmp_path):
     assert targets[8][0].shape[-1] == 64
 
 
-def test_grounding_loss_is_zero_inside_and_one_outside_the_mask():
+def test_grounding_loss_is_zero_for_attention_spread_over_the_mask():
     target = torch.zeros(1, 3, 4)
     target[0, 1, :2] = 1.0  # token 1's object covers the first two of four cells
     weight = torch.tensor([[0.0, 1.0, 0.0]])
     targets = {2: (target, weight)}
-    inside = torch.zeros(1, 4, 3)
-    inside[0, :2, 1] = 0.5  # all of token 1's attention on its object
-    outside = torch.zeros(1, 4, 3)
-    outside[0, 2:, 1] = 0.5
-    assert trainer.grounding_loss([inside], targets).item() == 0.0
-    assert trainer.grounding_loss([outside], targets).item() == 1.0
-    half = (inside + outside) / 2
-    assert abs(trainer.grounding_loss([half], targets).item() - 0.25) < 1e-6
+
+    def loss(cells: list[float]) -> float:
+        maps = torch.zeros(1, 4, 3)
+        maps[0, :, 1] = torch.tensor(cells)
+        return trainer.grounding_loss([maps], targets).item()
+
+    assert loss([0.5, 0.5, 0, 0]) == 0.0  # all inside, spread evenly over the object
+    assert abs(loss([1.0, 0, 0, 0]) - 0.5) < 1e-6  # all inside but on one cell: coverage 0.5
+    assert abs(loss([0, 0, 0.5, 0.5]) - 2.0) < 1e-6  # all outside: token loss 1 + coverage 1
+    assert abs(loss([0.25, 0.25, 0.25, 0.25]) - 0.75) < 1e-6  # half inside: 0.25 + 0.5
     logits = torch.zeros(1, 4, 3, requires_grad=True)  # gradients reach the attention scores
     trainer.grounding_loss([logits.softmax(dim=1)], targets).backward()
     assert logits.grad[0, :2, 1].lt(0).all() and logits.grad[0, 2:, 1].gt(0).all()

@@ -7,7 +7,9 @@ Stages (each one resumable / skipped when its output already exists in ``run_dir
    and encode them once to fp16 latents + caption token ids (``run_dir/latents.npz``).
 3. ``unet``: a ``UNet2DConditionModel`` + tiny ``CLIPTextModel`` trained jointly on the latents
    (v-prediction, cosine DDPM schedule, 10% empty-caption dropout), with EMA, periodic checker evaluation,
-   and export of the best EMA weights as a Stable Diffusion folder (safetensors only).
+   and export of the best EMA weights as a Stable Diffusion folder (safetensors only). With
+   ``--ground-weight`` a grounding loss (:func:`grounding_loss`) keeps each object word's cross-attention on
+   that object's mask, which every scene has: the attention methods need maps that mark their words.
 
 Usage::
 
@@ -424,14 +426,20 @@ def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor) -> dict[int,
 
 
 def grounding_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """TokenCompose's token loss (Wang et al., CVPR 2024): ``(1 - attention mass inside the mask)²`` per
-    grounded token and layer, averaged; ``maps`` are ``(B, H*W, tokens)`` probabilities."""
+    """Per grounded token and layer, averaged: TokenCompose's token loss (Wang et al., CVPR 2024),
+    ``(1 - attention mass inside the mask)²``, plus a coverage term, the total-variation distance between the
+    token's spatial attention distribution and the uniform one over its mask. The token loss alone let the maps
+    shrink to a peak inside the object; the coverage term asks for the whole object. ``maps`` are
+    ``(B, H*W, tokens)`` probabilities."""
     losses = []
     for a in maps:
         target, weight = targets[math.isqrt(a.shape[1])]
         a = a.transpose(1, 2)  # (B, tokens, H*W)
-        inside = (a * target).sum(-1) / (a.sum(-1) + 1e-8)
-        losses.append(((1 - inside) ** 2 * weight).sum() / weight.sum().clamp(min=1.0))
+        spread = a / (a.sum(-1, keepdim=True) + 1e-8)
+        inside = (spread * target).sum(-1)
+        uniform = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+        coverage = 0.5 * (spread - uniform).abs().sum(-1)
+        losses.append((((1 - inside) ** 2 + coverage) * weight).sum() / weight.sum().clamp(min=1.0))
     return torch.stack(losses).mean()
 
 
