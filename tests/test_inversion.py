@@ -201,6 +201,8 @@ def test_paste_unedited_keeps_the_input_pixels_outside_the_blend_mask(sd_v, pict
     assert plain.settings["self"] == 0.5  # real images: the null-text notebook's self-attention window
     with pytest.raises(AttnkitError, match="blend"):
         edit_image(sd_v, inv, target, paste_unedited=True, maps=False, progress=False)
+    late = edit_image(sd_v, inv, target, paste_unedited=True, **{**options, "blend_start": 1.0})
+    assert late.blend_masks is not None  # the mask is known even where latent blending never started
 
 
 def test_regeneration_needs_a_ddim_scheduler(picture):

@@ -469,10 +469,10 @@ class LocalBlend(Controller):
         if self.chosen is None:
             self.chosen = self._pick_res(hw)
             self.sums = {self.chosen: self.sums[self.chosen]}
+        mask = self.mask(hw)
+        self.last_mask = mask  # the region each target may change: what a final pixel paste-back keeps
         if step < int(self.start * ctl.num_steps):
             return {}
-        mask = self.mask(hw)
-        self.last_mask = mask  # the region each target could change: what a final pixel paste-back keeps
         mask = mask.to(latents.dtype)
         source = latents[:1]
         blended = source + mask[1:] * (latents[1:] - source)
