@@ -46,7 +46,7 @@ from PIL import Image
 
 from attnkit.bundled.checker import mask_iou, read_image
 from attnkit.bundled.scenes import COLORS, SIZE, caption_for, render_scene
-from attnkit.images import fit_image, paste_outside, psnr
+from attnkit.images import fit_image, mse, paste_outside, psnr
 from attnkit.inversion import (
     NullTextOptions,
     decode,
@@ -117,17 +117,12 @@ def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None, blend:
         keep = np.logical_or.reduce(others)
         row["untouched_psnr"] = psnr(edited, scene.image, mask=keep)
         row["untouched_psnr_vs_source"] = psnr(edited, _full_size(result.source), mask=keep)
-        row["untouched_mse_pasted"] = _mse(pasted, scene.image, keep)
+        # pooled over scenes in the report, since a pasted edit is often exact (PSNR inf)
+        row["untouched_mse_pasted"] = mse(pasted, scene.image, mask=keep)
         row["untouched_pixels"] = int(keep.sum())
         if roundtrip is not None:  # what the autoencoder alone keeps of those pixels: the ceiling
             row["untouched_psnr_ceiling"] = psnr(roundtrip, scene.image, mask=keep)
     return row
-
-
-def _mse(a: Image.Image, b: Image.Image, mask: np.ndarray) -> float:
-    """Mean squared error on [0, 1] over ``mask``: pooled over scenes, since a pasted edit is often exact."""
-    x, y = (np.asarray(i, np.float64)[mask] / 255.0 for i in (a, b))
-    return float(np.mean((x - y) ** 2))
 
 
 def _null_text(pipe, ddim, guidance: float, options: NullTextOptions):

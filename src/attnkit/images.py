@@ -154,21 +154,27 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def psnr(a: Any, b: Any, mask: np.ndarray | None = None) -> float:
-    """Peak signal-to-noise ratio in dB between two images (PIL or uint8 arrays) on a [0, 1] scale.
-
-    ``mask`` (bool, H x W) restricts the comparison to those pixels. ``psnr(original, reconstruction)``
-    """
+def mse(a: Any, b: Any, mask: np.ndarray | None = None) -> float:
+    """Mean squared error between two images (PIL or uint8 arrays) on a [0, 1] scale, over ``mask`` (bool,
+    H x W) when given. ``mse(original, reconstruction)``"""
     x = np.asarray(load_image(a) if isinstance(a, Image.Image) else a, dtype=np.float64) / 255.0
     y = np.asarray(load_image(b) if isinstance(b, Image.Image) else b, dtype=np.float64) / 255.0
     if x.shape != y.shape:
         raise AttnkitError(f"cannot compare images of shapes {x.shape} and {y.shape}")
     if mask is not None:
         if not mask.any():
-            raise AttnkitError("the PSNR mask selects no pixels")
+            raise AttnkitError("the comparison mask selects no pixels: pass a mask with at least one True pixel")
         x, y = x[mask], y[mask]
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+    return float(np.mean((x - y) ** 2))
+
+
+def psnr(a: Any, b: Any, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between two images (PIL or uint8 arrays) on a [0, 1] scale.
+
+    ``mask`` (bool, H x W) restricts the comparison to those pixels. ``psnr(original, reconstruction)``
+    """
+    error = mse(a, b, mask)
+    return float("inf") if error == 0 else 10.0 * float(np.log10(1.0 / error))
 
 
 def paste_outside(edited: Image.Image, original: Image.Image, mask: torch.Tensor) -> Image.Image:
