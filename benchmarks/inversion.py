@@ -16,12 +16,15 @@ All reconstructions go through the pipeline's own loop (``attnkit.inversion.reco
 guidance, measured on the same machine in the same run, with the inner steps it actually used (early stopping).
 
 Edit: each scene's first object gets a colour absent from the scene (caption word swap), edited from its
-null-text inversion at the model's guidance with Prompt-to-Prompt (replace; local blend on the object's own colour
-and shape words, picked by word index, on LocalBlend's default grid, 16x16 for the bundled model: ``--blend``,
-``--blend-res``). Layout: IoU of the recoloured object's mask (checker) with the input object's mask; colour changed:
-the checker finds the new colour and no longer the old one; untouched PSNR: pixels of the other objects (scenes
-with 2+ objects) compared with the input image, beside the VAE round trip's PSNR on the same pixels (object
-pixels are all edges at 64x64, so this ceiling is far below the whole-image one).
+null-text inversion at guidance 7.5 (``--edit-guidance``; the paper's, and ``attnkit.invert``'s default) with
+Prompt-to-Prompt (replace; local blend on the object's own colour and shape words, picked by word index, on
+LocalBlend's default grid, 16x16 for the bundled model: ``--blend``, ``--blend-res``), the edited row on the
+pipeline's own unconditional embedding (``edit_image``'s default) and, beside it, on the source's null-text
+embeddings (``target_uncond="inversion"``, the null-text notebook). Layout: IoU of the recoloured object's mask
+(checker) with the input object's mask; colour changed: the checker finds the new colour and no longer the old
+one; untouched PSNR: pixels of the other objects (scenes with 2+ objects) compared with the input image, beside
+the VAE round trip's PSNR on the same pixels (object pixels are all edges at 64x64, so this ceiling is far below
+the whole-image one).
 
 Usage::
 
@@ -98,16 +101,17 @@ def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None, blend:
     old = scene.objects[0].color
     new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
     target = caption_for(scene.spec.with_object(0, color=new).objects, scene.background)
-    result = edit_image(pipe, inversion, target, blend=_blend_words(scene, blend, old, new), blend_res=blend_res,
-                        maps=False, progress=False)
+    options = dict(blend=_blend_words(scene, blend, old, new), blend_res=blend_res, maps=False, progress=False)
+    result = edit_image(pipe, inversion, target, **options)
     edited = _full_size(result.edits[0])
     # what edit_image(..., paste_unedited=True) returns, from the same run: the input pasted back outside the mask
     pasted = _full_size(paste_outside(result.edits[0], inversion.image, result.blend_masks[1]))
+    shared = _full_size(edit_image(pipe, inversion, target, target_uncond="inversion", **options).edits[0])
     before = read_image(scene.image)
     source_object = _largest(before, old)
     source_mask = source_object.mask if source_object is not None else scene.objects[0].mask
     row = {"seed": seed, "target": target}
-    for suffix, image in (("", edited), ("_pasted", pasted)):
+    for suffix, image in (("", edited), ("_pasted", pasted), ("_shared", shared)):
         after = read_image(image)
         moved = _largest(after, new)
         row["iou" + suffix] = mask_iou(source_mask, moved.mask) if moved else 0.0
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace) -> dict:
     defaults = defaults_for(pipe)
     steps = args.steps or defaults.num_inference_steps
     guidances = [PAPER_GUIDANCE] + ([defaults.guidance_scale] if defaults.guidance_scale != PAPER_GUIDANCE else [])
+    if args.edit_guidance not in guidances:
+        raise SystemExit(f"--edit-guidance must be one of the benchmarked guidances {guidances}")
     variants = {"null_text": NullTextOptions(lr=defaults.null_text_lr if args.lr is None else args.lr)}
     if not args.quick:  # the paper's learning rate beside the headline one
         variants["null_text_paper"] = NullTextOptions()
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"{name}_ratio_{tag}"] = seconds / generation
                 row[f"{name}_inner_{tag}"] = float(np.mean(inv.inner_steps))
                 row[f"{name}_early_{tag}"] = float(np.mean([n < options.inner_steps for n in inv.inner_steps]))
-                if name == "null_text" and g == guidances[-1] and k < args.edit_scenes:
+                if name == "null_text" and g == args.edit_guidance and k < args.edit_scenes:
                     edits.append(_edit_scene(pipe, seed, scene, inv, args.blend_res, args.blend, roundtrip))
         rows.append(row)
         if not args.quiet:
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"scene {k + 1}/{args.scenes} seed {seed}: {shown}", flush=True)
     blend = "the old/new colour words" if args.blend == "color" else "the object's colour and shape words"
     return {"rows": rows, "edits": edits, "guidances": guidances, "steps": steps, "variants": variants,
-            "blend": blend}
+            "blend": blend, "edit_guidance": args.edit_guidance}
 
 
 def _mean(values) -> float:
@@ -216,8 +222,9 @@ def report(result: dict) -> dict:
             summary[f"psnr_{name}_{tag}"] = mean
     if edits:
         iou, iou_pasted = [e["iou"] for e in edits], [e["iou_pasted"] for e in edits]
-        print(f"\nColour-swap edit from null-text inversion (guidance {guidances[-1]:g}, local blend on "
-              f"{result['blend']}), {len(edits)} scenes")
+        print(f"\nColour-swap edit from null-text inversion (guidance {result['edit_guidance']:g}, local blend on "
+              f"{result['blend']}), {len(edits)} scenes; the edited row on the pipeline's own unconditional "
+              "embedding (edit_image's default)")
         print(f"layout IoU mean {_mean(iou):.3f} (median {statistics.median(iou):.3f}, >= 0.8 in "
               f"{sum(v >= 0.8 for v in iou)}/{len(iou)}); colour changed {sum(e['color_changed'] for e in edits)}"
               f"/{len(edits)}; untouched-object PSNR vs input {_mean(e.get('untouched_psnr') for e in edits):.2f} dB, "
@@ -234,6 +241,13 @@ def report(result: dict) -> dict:
               f"changed {sum(e['color_changed_pasted'] for e in edits)}/{len(edits)}; untouched-object PSNR "
               f"{pasted_psnr:.2f} dB (pooled over the pixels of {len(with_others)} scenes; identical to the input "
               f"in {exact})")
+        iou_shared = [e["iou_shared"] for e in edits]
+        print(f"with the source's null-text embeddings on the edited row too (target_uncond='inversion', the "
+              f"null-text notebook): layout IoU mean {_mean(iou_shared):.3f} (median "
+              f"{statistics.median(iou_shared):.3f}, >= 0.8 in {sum(v >= 0.8 for v in iou_shared)}/{len(iou_shared)});"
+              f" colour changed {sum(e['color_changed_shared'] for e in edits)}/{len(edits)}")
+        summary.update(edit_shared_uncond_layout_iou=_mean(iou_shared),
+                       edit_shared_uncond_color_changed=_mean(float(e["color_changed_shared"]) for e in edits))
         summary.update(edit_pasted_layout_iou=_mean(iou_pasted),
                        edit_pasted_untouched_psnr=pasted_psnr if np.isfinite(pasted_psnr) else None,
                        edit_pasted_untouched_identical=exact)
@@ -269,6 +283,8 @@ def main() -> None:
     parser.add_argument("--blend", choices=("object", "color"), default="object",
                         help="local-blend words: the recoloured object's colour + shape words (default) or the "
                              "old/new colour words")
+    parser.add_argument("--edit-guidance", type=float, default=PAPER_GUIDANCE,
+                        help="guidance of the inversion the edit starts from (7.5, the paper's; or the model's own)")
     parser.add_argument("--quick", action="store_true", help="< 5 min on the CPU")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=1)

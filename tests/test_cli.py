@@ -90,6 +90,7 @@ def test_maps_defaults_to_every_word(tmp_path):
     (["generate", " ".join(["red"] * 100)], "tokens long"),
     (["generate", PROMPT, "--dtype", "int8"], "unknown dtype"),
     (["edit", PROMPT, "--to", PROMPT.replace("blue", "green"), "--blend", "green", "--paste-unedited"], "--image"),
+    (["edit", PROMPT, "--to", PROMPT.replace("blue", "green"), "--target-uncond", "source"], "'pipeline' or"),
 ])
 def test_bad_input_gives_clear_error_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
@@ -97,6 +98,19 @@ def test_bad_input_gives_clear_error_and_writes_nothing(tmp_path, args, message)
     assert result.exit_code == 2
     assert "attnkit: error:" in result.stderr and message in result.stderr
     assert not out.exists()
+
+
+def test_edit_of_a_real_image_inverts_then_edits(tmp_path):
+    picture = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(picture)
+    out = tmp_path / "out"
+    result = invoke("edit", PROMPT, "--to", PROMPT.replace("blue", "green"), "--image", picture, "--method",
+                    "negative-prompt", "--target-uncond", "inversion", "--model", "tiny", *FAST, "--out", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "record.json").read_text())
+    assert record["method"] == "negative-prompt" and record["target_uncond"] == "inversion"
+    assert record["guidance"] == 7.5 and record["self"] == 0.5  # the null-text paper's, for real images
+    assert {"grid.png", "00_source.png", "record.json"} <= set(files_under(out))
 
 
 def test_missing_bundled_model_is_explained(tmp_path, monkeypatch):

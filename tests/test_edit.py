@@ -57,6 +57,7 @@ BAD = [
     (dict(source="a lemon cake", targets=["a big lemon cake"], kind="replace"), "same number of words"),
     (dict(cross={"default_": 0.8, "beet": 0.3}), "'beet', which is not a word of any target"),
     (dict(blend=["castle"]), "blend word 'castle' is in none of the prompts"),
+    (dict(target_uncond="source"), "target_uncond='source'"),
     (dict(reweight={"beet": 2.0}), "cannot re-weight 'beet'"),
     (dict(targets=["a " + "lego " * 80 + "cake"]), "tokens long but the model reads at most 77"),
     (dict(source="a " + "lemon " * 80 + "cake"), "tokens long but the model reads at most 77"),

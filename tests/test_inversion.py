@@ -178,8 +178,33 @@ def test_editing_a_null_text_inversion_keeps_the_reconstruction_as_source(fixtur
     assert (result.latents[1:].float() - reference).abs().max() > 1e-4  # the edit row really differs
 
 
+@pytest.mark.parametrize("fixture", ["sd_v", "sdxl_v"])
+def test_edited_rows_use_the_pipelines_own_unconditional_embedding(fixture, picture, request):
+    pipe = request.getfixturevalue(fixture)
+    inv = invert(pipe, picture, PROMPT, method="null-text", steps=3, guidance=4.0,
+                 null_text=NullTextOptions(inner_steps=2), progress=False)
+    target = "a blue circle on a white background"
+    still = dict(cross=0.0, self=0.0, maps=False, progress=False)  # no attention edits: only the embeddings act
+    own = edit_image(pipe, inv, target, **still)
+    # the edited row is plain generation of the target from x_T with the pipeline's own unconditional input
+    width, height = inv.size
+    plain = generate(pipe, [target], latents=inv.start_latents.clone(), steps=inv.steps, guidance=inv.guidance,
+                     height=height, width=width, progress=False).latents.float()
+    assert torch.allclose(own.latents[1:].float(), plain, atol=1e-4)
+    assert torch.allclose(own.latents[:1].float(), reconstruct_latents(pipe, inv), atol=1e-4)
+    assert own.settings["target_uncond"] == "pipeline"
+    # shared (the null-text notebook): the same prompt then gives the source row exactly
+    shared = edit_image(pipe, inv, PROMPT, target_uncond="inversion", **still)
+    torch.testing.assert_close(shared.latents[1:], shared.latents[:1])
+    assert (own.latents[1:].float() - edit_image(pipe, inv, target, target_uncond="inversion", **still)
+            .latents[1:].float()).abs().max() > 1e-4
+    with pytest.raises(AttnkitError, match="target_uncond='source'"):
+        edit_image(pipe, inv, target, target_uncond="source", **still)
+
+
 def test_paste_unedited_keeps_the_input_pixels_outside_the_blend_mask(sd_v, picture):
     inv = invert(sd_v, picture, PROMPT, method="negative-prompt", steps=3, progress=False)
+    assert inv.guidance == 7.5  # the null-text paper's, whatever the model samples with
     target = "a blue circle on a white background"
     # the tiny random model's maps are flat: threshold 0.97 leaves most of the grid unblended
     options = dict(blend=["red", "blue"], blend_threshold=0.97, maps=False, progress=False)

@@ -100,7 +100,8 @@ def test_defaults_from_attnkit_json(saved, tmp_path):
 
     picture = Image.new("RGB", (side, side), (200, 30, 30))
     inv = invert(loaded, picture, "a red circle", steps=2, null_text=None, progress=False)
-    assert inv.null_text["lr"] == 0.1 and inv.guidance == 1.5
+    assert inv.null_text["lr"] == 0.1
+    assert inv.guidance == 7.5  # the paper's guidance on every model, not the model's 1.5
     inv = invert(loaded, picture, "a red circle", steps=2, null_text=NullTextOptions(inner_steps=1), progress=False)
     assert inv.null_text["lr"] == 1e-2  # explicit options win: the paper's
 

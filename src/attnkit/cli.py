@@ -294,15 +294,18 @@ LearningRate = Annotated[float | None, typer.Option(help="Null-text: Adam learni
                                                          "model's own; the paper's 0.01 for Stable Diffusion).")]
 CropOpt = Annotated[str, typer.Option(help="Fit the image to the model: 'center' (crop to its aspect ratio) or "
                                            "'stretch'.")]
+InversionGuidance = Annotated[float | None, typer.Option(
+    help="Guidance scale that null-text optimises for and that regeneration and edits use (default: 7.5, the "
+         "null-text paper's, on every model).")]
 
 
 @app.command()
 @_friendly_errors
 def invert(image: Annotated[str, typer.Argument(help="The image file to invert.")],
            prompt: Annotated[str, typer.Option(help="A caption of the image (the source prompt).")],
-           method: Method = "null-text", model: Model = None, steps: Steps = None, guidance: Guidance = None,
-           inner_steps: InnerSteps = 10, lr: LearningRate = None, crop: CropOpt = "center", device: Device = "auto",
-           dtype: Dtype = "float32", out: Out = Path("outputs/invert"), quiet: Quiet = False,
+           method: Method = "null-text", model: Model = None, steps: Steps = None,
+           guidance: InversionGuidance = None, inner_steps: InnerSteps = 10, lr: LearningRate = None,
+           crop: CropOpt = "center", device: Device = "auto", dtype: Dtype = "float32", out: Out = Path("outputs/invert"), quiet: Quiet = False,
            threads: Threads = None) -> None:
     """Invert a real image: inversion.safetensors + inversion.json (load with attnkit.Inversion.load), the
     fitted input image.png, its reconstruction.png and record.json (reconstruction PSNR, crop, timings)."""
@@ -381,12 +384,17 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
                                                    "caption).")] = None,
          paste_unedited: Annotated[bool, typer.Option(
              help="With --image and --blend: keep the input's own pixels outside the blend region.")] = False,
+         target_uncond: Annotated[str, typer.Option(
+             help="With --image: the edits' unconditional embedding: 'pipeline' (the model's own) or 'inversion' "
+                  "(the source's optimised ones, as the null-text notebook).")] = "pipeline",
          method: Method = "null-text", inner_steps: InnerSteps = 10, crop: CropOpt = "center",
          model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
          height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
          out: Out = Path("outputs/edit"), quiet: Quiet = False, threads: Threads = None) -> None:
     """Prompt-to-Prompt: edit SOURCE's image into each --to prompt from the same noise. Writes grid.png
-    (source + edits, prompts under the images), 00_source.png, 01_edit.png, ... and record.json."""
+    (source + edits, prompts under the images), 00_source.png, 01_edit.png, ... and record.json.
+    --guidance defaults to the model's own for generated images and to 7.5 (the null-text paper's) with --image.
+    """
     from attnkit.edit import edit as p2p_edit
     from attnkit.viz import image_grid
 
@@ -403,6 +411,10 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
 
         raise AttnkitError("--paste-unedited keeps a real image's pixels outside the local-blend region: "
                            "pass it with --image and --blend")
+    if target_uncond not in ("pipeline", "inversion"):
+        from attnkit.engine import AttnkitError
+
+        raise AttnkitError(f"--target-uncond {target_uncond!r}: use 'pipeline' or 'inversion'")
     picture = None
     if image is not None:
         from attnkit.images import load_image
@@ -421,7 +433,8 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
 
             run.record["image"] = str(image)
             inv = _invert_image(run, pipe, picture, source, method, steps, guidance, inner_steps, crop, quiet)
-            result = edit_image(pipe, inv, list(to), maps=False, paste_unedited=paste_unedited, **options)
+            result = edit_image(pipe, inv, list(to), maps=False, paste_unedited=paste_unedited,
+                                target_uncond=target_uncond, **options)
         run.time("edit", start)
         run.record.update(json.loads(json.dumps(result.settings)))
         captions = [f"source: {source}", *to]

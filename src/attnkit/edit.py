@@ -13,7 +13,11 @@ and, for null-text inversion, the optimised unconditional embeddings as ``uncond
 ``(1, L, D)`` tensor per step, or a ``(steps, 1, L, D)`` tensor): step 0's goes in as the pipeline's negative
 prompt embedding, step ``i + 1``'s is swapped in after step ``i`` through ``callback_on_step_end``.
 On SDXL the pooled unconditional embedding stays fixed over the steps: ``uncond_pooled`` ``(1, D)``, or
-the pipeline's own when left out.
+the pipeline's own when left out. They belong to the source row, which they steer back onto the inverted
+trajectory; the edited rows keep the pipeline's own unconditional embedding (``target_uncond="pipeline"``,
+as PnP Inversion does) or share the source's (``"inversion"``, the null-text paper's notebook). An embedding
+tuned to reproduce the source's colours holds the edited rows back: on the bundled model, recoloured objects
+keep their shape far better with the pipeline's own (``benchmarks/inversion.py`` measures both).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from attnkit.sampling import Generation, generate
 from attnkit.store import AttentionStore
 
 EditKind = Literal["auto", "replace", "refine"]
+TargetUncond = Literal["pipeline", "inversion"]
 
 
 @dataclass
@@ -84,22 +89,27 @@ def _uncond_list(uncond: Any, steps: int) -> list[torch.Tensor]:
 
 
 def _uncond_inputs(pipe: Any, source: str, batch: int, uncond_embeddings: Any, uncond_pooled: Any,
-                   steps: int | None, controllers: list[Controller]) -> dict[str, torch.Tensor]:
-    """Pipeline arguments for step 0's unconditional embedding (+ SDXL's pooled one); appends the
-    controller that swaps in the later steps' embeddings."""
+                   steps: int | None, controllers: list[Controller], target_uncond: TargetUncond
+                   ) -> dict[str, torch.Tensor]:
+    """Pipeline arguments for step 0's unconditional embeddings (+ SDXL's pooled ones): the given ones on the
+    source row, and on the edited rows too unless ``target_uncond="pipeline"``; appends the controller that
+    swaps in the later steps' embeddings."""
     from attnkit.inversion import UncondSchedule, encode_text, is_sdxl
     from attnkit.models import defaults_for
 
+    if uncond_pooled is not None and not is_sdxl(pipe):
+        raise AttnkitError("uncond_pooled is for SDXL pipelines only: leave it out on SD 1.x/2.x")
     defaults = defaults_for(pipe)
     embeds = _uncond_list(uncond_embeddings, int(steps or defaults.num_inference_steps))
-    extra = {"negative_prompt_embeds": embeds[0].expand(batch, -1, -1)}
+    own = encode_text(pipe, source, defaults.height, defaults.width)  # the pipeline's own unconditional inputs
+    shared = target_uncond == "inversion"
+    rows = [embeds[0]] + [embeds[0] if shared else own.uncond.to(embeds[0])] * (batch - 1)
+    extra = {"negative_prompt_embeds": torch.cat(rows)}
     if is_sdxl(pipe):
-        if uncond_pooled is None:  # the pipeline's own pooled unconditional embedding
-            uncond_pooled = encode_text(pipe, source, defaults.height, defaults.width).uncond_pooled
-        extra["negative_pooled_prompt_embeds"] = uncond_pooled[:1].to(embeds[0]).expand(batch, -1)
-    elif uncond_pooled is not None:
-        raise AttnkitError("uncond_pooled is for SDXL pipelines only: leave it out on SD 1.x/2.x")
-    controllers.append(UncondSchedule(embeds))
+        pooled = (own.uncond_pooled if uncond_pooled is None else uncond_pooled)[:1].to(embeds[0])
+        rows = [pooled] + [pooled if shared else own.uncond_pooled.to(pooled)] * (batch - 1)
+        extra["negative_pooled_prompt_embeds"] = torch.cat(rows)
+    controllers.append(UncondSchedule(embeds, rows=None if shared else 1))
     return extra
 
 
@@ -134,7 +144,8 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
          reweight: dict[str, float] | None = None, steps: int | None = None, guidance: float | None = None,
          height: int | None = None, width: int | None = None, maps: bool = True, maps_res: int | None = None,
          latents: torch.Tensor | None = None, uncond_embeddings: Any = None,
-         uncond_pooled: torch.Tensor | None = None, progress: bool = True) -> EditResult:
+         uncond_pooled: torch.Tensor | None = None, target_uncond: TargetUncond = "pipeline",
+         progress: bool = True) -> EditResult:
     """Edit the image of ``source`` into each of ``targets`` with Prompt-to-Prompt, in one batch.
 
     Usage: ``edit(pipe, "a lemon cake", ["a chocolate cake", "a lego cake"], seed=8888, blend=["cake"])``
@@ -154,10 +165,15 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
         latents: the starting latent (e.g. from inversion): one row, or one per prompt.
         uncond_embeddings: per-step unconditional embeddings (null-text inversion), see the module docstring.
         uncond_pooled: SDXL only: the pooled unconditional embedding that goes with them.
+        target_uncond: the unconditional embedding of the edited rows when ``uncond_embeddings`` is given:
+            the pipeline's own (``"pipeline"``) or the source's (``"inversion"``); see the module docstring.
     """
     target_list = [targets] if isinstance(targets, str) else list(targets)
     if not target_list:
         raise AttnkitError("no target prompt given: pass at least one edited prompt")
+    if target_uncond not in ("pipeline", "inversion"):
+        raise AttnkitError(f"target_uncond={target_uncond!r}: use 'pipeline' (the edited rows keep the "
+                           "pipeline's own unconditional embedding) or 'inversion' (they share the source's)")
     prompts = [source, *target_list]
     controllers = build_controllers(pipe.tokenizer, prompts, kind=kind, cross=cross, self=self, self_res=self_res,
                                     blend=blend, blend_threshold=blend_threshold, blend_start=blend_start,
@@ -171,7 +187,8 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
             raise AttnkitError(f"latents must have shape (1 or {len(prompts)}, C, h, w), got {tuple(latents.shape)}")
         latents = latents.expand(len(prompts), -1, -1, -1).clone()
     if uncond_embeddings is not None:
-        extra = _uncond_inputs(pipe, source, len(prompts), uncond_embeddings, uncond_pooled, steps, controllers)
+        extra = _uncond_inputs(pipe, source, len(prompts), uncond_embeddings, uncond_pooled, steps, controllers,
+                               target_uncond)
     elif uncond_pooled is not None:
         raise AttnkitError("uncond_pooled goes with uncond_embeddings: pass both (SDXL null-text inversion)")
     gen = generate(pipe, prompts, *controllers, seed=seed, steps=steps, guidance=guidance, height=height,
@@ -181,7 +198,8 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
         "height": gen.height, "width": gen.width, "cross": cross, "self": self, "self_res": self_res,
         "blend": blend, "blend_threshold": blend_threshold, "blend_start": blend_start, "subtract": subtract,
         "blend_res": blend_res, "reweight": reweight, "inverted_latents": latents is not None,
-        "null_text": uncond_embeddings is not None, "seconds": round(gen.seconds, 3),
+        "null_text": uncond_embeddings is not None,
+        "target_uncond": target_uncond if uncond_embeddings is not None else None, "seconds": round(gen.seconds, 3),
     }
     blends = [c for c in controllers if isinstance(c, LocalBlend) and c.last_mask is not None]
     masks = blends[0].last_mask[:, 0].cpu() if blends else None

@@ -46,6 +46,7 @@ METHODS: tuple[str, ...] = ("ddim", "null-text", "negative-prompt")
 FORMAT = "attnkit-inversion"
 VERSION = 1
 REAL_IMAGE_SELF_STEPS = 0.5  # self-attention replacement of real-image edits (null-text notebook)
+INVERSION_GUIDANCE = 7.5  # the null-text paper's guidance: the default of every inversion, whatever the model
 TENSORS_FILE, RECORD_FILE, IMAGE_FILE = "inversion.safetensors", "inversion.json", "image.png"
 
 
@@ -492,10 +493,12 @@ class Inversion:
 class UncondSchedule(Controller):
     """Feeds per-step unconditional embeddings to the pipeline's own loop: after step i it returns
     ``prompt_embeds`` with the unconditional half set to embedding i + 1 (step 0's goes in as
-    ``negative_prompt_embeds``). Needs ``"prompt_embeds"`` among the callback's tensor inputs."""
+    ``negative_prompt_embeds``); ``rows=1`` sets only the first prompt's (the source of an edit).
+    Needs ``"prompt_embeds"`` among the callback's tensor inputs."""
 
-    def __init__(self, embeddings: torch.Tensor) -> None:
+    def __init__(self, embeddings: torch.Tensor, rows: int | None = None) -> None:
         self.embeddings = embeddings
+        self.rows = rows
 
     def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if step + 1 >= len(self.embeddings) or ctl.layout is None or not ctl.layout.cfg:
@@ -504,7 +507,9 @@ class UncondSchedule(Controller):
             raise AttnkitError("per-step unconditional embeddings need callback_on_step_end_tensor_inputs to "
                                "include 'prompt_embeds' (attnkit.generate passes it)")
         embeds = tensors["prompt_embeds"].clone()
-        embeds[ctl.layout.uncond_rows] = self.embeddings[step + 1].to(embeds)
+        uncond = ctl.layout.uncond_rows
+        embeds[uncond if self.rows is None else slice(uncond.start, uncond.start + self.rows)] = \
+            self.embeddings[step + 1].to(embeds)
         return {"prompt_embeds": embeds}
 
 
@@ -535,8 +540,10 @@ def invert(pipe: Any, image: Any, prompt: str, method: Method = "null-text", ste
     """Invert a real image (file path, PIL image or array) described by ``prompt``.
 
     ``method``: "ddim", "null-text" (Mokady et al. 2023) or "negative-prompt" (Miyake et al. 2023).
-    ``steps``/``guidance`` default to the model's own (``attnkit.models.defaults_for``: 50 and 7.5, the paper's
-    setting, for Stable Diffusion; the bundled model's lower guidance for it). ``inversion_guidance`` is the
+    ``steps`` defaults to the model's own (``attnkit.models.defaults_for``: 50, the paper's, for Stable
+    Diffusion), ``guidance`` to the paper's 7.5 on every model: the guidance null-text optimises for, and the
+    one regeneration and edits use. A model that samples best at a lower guidance (the bundled model's 2.5)
+    still edits real images better at 7.5 (``benchmarks/inversion.py``). ``inversion_guidance`` is the
     guidance of the DDIM inversion pass itself (1: conditional only, as in the paper). ``null_text`` defaults to
     the paper's schedule with the model's own learning rate (``null_text_lr``). The image is fitted to
     the model's resolution (``crop="center"`` or ``"stretch"``), and the crop is kept in the record.
@@ -550,7 +557,7 @@ def invert(pipe: Any, image: Any, prompt: str, method: Method = "null-text", ste
     check_prompt(pipe, prompt)
     defaults = defaults_for(pipe)
     steps = int(defaults.num_inference_steps if steps is None else steps)
-    guidance = float(defaults.guidance_scale if guidance is None else guidance)
+    guidance = float(INVERSION_GUIDANCE if guidance is None else guidance)
     if not math.isfinite(guidance) or guidance < 0:
         raise AttnkitError(f"guidance must be a finite number >= 0, got {guidance}")
     scheduler = ddim_scheduler(pipe, steps)
@@ -598,9 +605,13 @@ def reconstruct(pipe: Any, inversion: Inversion, guidance: float | None = None, 
 def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, paste_unedited: bool = False,
                **options: Any) -> Any:
     """Prompt-to-Prompt edit of an inverted real image: :func:`attnkit.edit.edit` with the inversion's
-    prompt as source, ``x_T`` as the shared start and its unconditional embeddings at every step. Steps and
-    size come from the inversion; ``guidance`` defaults to the one it was made for.
+    prompt as source, ``x_T`` as the shared start and its unconditional embeddings on the source row at every
+    step. Steps and size come from the inversion; ``guidance`` defaults to the one it was made for.
     ``edit_image(pipe, inv, "a blue circle on a white background", blend=["blue"]).edits[0]``
+
+    The edited rows use the pipeline's own unconditional embedding (``target_uncond="pipeline"``, as PnP
+    Inversion does): null-text's embeddings are tuned to reproduce the source, colours included, and hold
+    an edit back. ``target_uncond="inversion"`` shares them with the edited rows, as the null-text notebook.
 
     Self-attention is replaced for the first half of the steps (``self=0.5``, the null-text paper's notebook;
     generated images use Prompt-to-Prompt's 0.4): a real image's layout needs the firmer hold.
