@@ -294,6 +294,8 @@ LearningRate = Annotated[float | None, typer.Option(help="Null-text: Adam learni
                                                          "model's own; the paper's 0.01 for Stable Diffusion).")]
 CropOpt = Annotated[str, typer.Option(help="Fit the image to the model: 'center' (crop to its aspect ratio) or "
                                            "'stretch'.")]
+EditGuidance = Annotated[float | None, typer.Option(
+    help="Guidance scale (default: the model's own; with --image 7.5, the null-text paper's).")]
 InversionGuidance = Annotated[float | None, typer.Option(
     help="Guidance scale that null-text optimises for and that regeneration and edits use (default: 7.5, the "
          "null-text paper's, on every model).")]
@@ -388,13 +390,12 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
              help="With --image: the edits' unconditional embedding: 'pipeline' (the model's own) or 'inversion' "
                   "(the source's optimised ones, as the null-text notebook).")] = "pipeline",
          method: Method = "null-text", inner_steps: InnerSteps = 10, crop: CropOpt = "center",
-         model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
+         model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: EditGuidance = None,
          height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
          out: Out = Path("outputs/edit"), quiet: Quiet = False, threads: Threads = None) -> None:
     """Prompt-to-Prompt: edit SOURCE's image into each --to prompt from the same noise. Writes grid.png
-    (source + edits, prompts under the images), 00_source.png, 01_edit.png, ... and record.json.
-    --guidance defaults to the model's own for generated images and to 7.5 (the null-text paper's) with --image.
-    """
+    (source + edits, prompts under the images), 00_source.png, 01_edit.png, ... and record.json."""
+    from attnkit.edit import TARGET_UNCONDS
     from attnkit.edit import edit as p2p_edit
     from attnkit.viz import image_grid
 
@@ -411,10 +412,10 @@ def edit(source: Annotated[str, typer.Argument(help="The source prompt (the imag
 
         raise AttnkitError("--paste-unedited keeps a real image's pixels outside the local-blend region: "
                            "pass it with --image and --blend")
-    if target_uncond not in ("pipeline", "inversion"):
+    if target_uncond not in TARGET_UNCONDS:
         from attnkit.engine import AttnkitError
 
-        raise AttnkitError(f"--target-uncond {target_uncond!r}: use 'pipeline' or 'inversion'")
+        raise AttnkitError(f"--target-uncond {target_uncond!r}: use {' or '.join(map(repr, TARGET_UNCONDS))}")
     picture = None
     if image is not None:
         from attnkit.images import load_image

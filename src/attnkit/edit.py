@@ -35,6 +35,7 @@ from attnkit.store import AttentionStore
 
 EditKind = Literal["auto", "replace", "refine"]
 TargetUncond = Literal["pipeline", "inversion"]
+TARGET_UNCONDS: tuple[str, ...] = ("pipeline", "inversion")
 
 
 @dataclass
@@ -171,7 +172,7 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
     target_list = [targets] if isinstance(targets, str) else list(targets)
     if not target_list:
         raise AttnkitError("no target prompt given: pass at least one edited prompt")
-    if target_uncond not in ("pipeline", "inversion"):
+    if target_uncond not in TARGET_UNCONDS:
         raise AttnkitError(f"target_uncond={target_uncond!r}: use 'pipeline' (the edited rows keep the "
                            "pipeline's own unconditional embedding) or 'inversion' (they share the source's)")
     prompts = [source, *target_list]
