@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from attnkit.bundled.checker import mask_iou, read_image
-from attnkit.bundled.scenes import COLORS, SIZE, caption_for, render_scene
+from attnkit.bundled.scenes import SIZE, recolour_first, render_scene
 from attnkit.images import fit_image, mse, paste_outside, psnr
 from attnkit.inversion import (
     NullTextOptions,
@@ -85,23 +85,16 @@ def _largest(reading, color: str):
     return max(found, key=lambda o: o.area) if found else None
 
 
-def _blend_words(scene, blend: str, old: str, new: str) -> list:
-    """Local-blend words of the recoloured object: its own colour and shape words, picked by their word
-    index (a scene may repeat a shape), or, with ``blend="color"``, the old and the new colour word."""
-    if blend == "color":
-        return [[old], [new]]
-    first = scene.objects[0]
-    shape_index = 2 + (first.fill == "outlined")  # "a <colour> [outlined] <shape> ..."
-    return [1, shape_index]
-
-
 def _edit_scene(pipe, seed: int, scene, inversion, blend_res: int | None, blend: str = "object",
                 roundtrip: Image.Image | None = None) -> dict:
-    """Recolour object 0 from the null-text inversion; layout IoU, colour change and untouched-pixel PSNR."""
-    old = scene.objects[0].color
-    new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
-    target = caption_for(scene.spec.with_object(0, color=new).objects, scene.background)
-    options = dict(blend=_blend_words(scene, blend, old, new), blend_res=blend_res, maps=False, progress=False)
+    """Recolour object 0 from the null-text inversion; layout IoU, colour change and untouched-pixel PSNR.
+    Local blend on the object's own colour and shape words (by word index), or, with ``blend="color"``, on
+    the old and the new colour word."""
+    edited_spec, words = recolour_first(scene.spec)
+    old, new = scene.objects[0].color, edited_spec.objects[0].color
+    target = edited_spec.caption
+    options = dict(blend=[[old], [new]] if blend == "color" else words, blend_res=blend_res, maps=False,
+                   progress=False)
     result = edit_image(pipe, inversion, target, **options)
     edited = _full_size(result.edits[0])
     # what edit_image(..., paste_unedited=True) returns, from the same run: the input pasted back outside the mask

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from attnkit import invert, load_pipeline
-from attnkit.bundled.scenes import COLORS, caption_for, render_scene
+from attnkit.bundled.scenes import recolour_first, render_scene
 from attnkit.inversion import edit_image, use_ddim
 from attnkit.viz import image_grid
 
@@ -39,9 +39,8 @@ def main() -> None:
         scene = render_scene(SEED_START + k)
         inv = invert(pipe, scene.image, scene.caption, method="null-text", progress=False)
         first = scene.objects[0]
-        new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
-        target = caption_for(scene.spec.with_object(0, color=new).objects, scene.background)
-        blend = [1, 2 + (first.fill == "outlined")]  # the object's colour and shape words, by word index
+        edited_spec, blend = recolour_first(scene.spec)  # the benchmark's swap and blend words
+        target, new = edited_spec.caption, edited_spec.objects[0].color
         own = edit_image(pipe, inv, target, blend=blend, maps=False, progress=False)
         shared = edit_image(pipe, inv, target, blend=blend, target_uncond="inversion", maps=False, progress=False)
         tiles += [scene.image, own.source, own.edits[0], shared.edits[0]]

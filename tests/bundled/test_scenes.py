@@ -11,6 +11,7 @@ from attnkit.bundled.scenes import (
     TRAIN_SEEDS,
     VOCABULARY,
     caption_for,
+    recolour_first,
     render_scene,
     render_spec,
 )
@@ -71,3 +72,17 @@ def test_spec_edit_renders_exactly():
 def test_heldout_range_disjoint():
     assert TRAIN_SEEDS.stop <= HELDOUT_SEED_START
     assert HELDOUT_SEED_START not in TRAIN_SEEDS
+
+
+def test_recolour_first_picks_an_unused_colour_and_the_objects_own_words():
+    fills = set()
+    for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + 40):
+        spec = render_scene(seed).spec
+        edited, (color_at, shape_at) = recolour_first(spec)
+        first = spec.objects[0]
+        fills.add(first.fill)
+        assert edited.objects[0].color not in {o.color for o in spec.objects}
+        assert edited.objects[1:] == spec.objects[1:] and edited.background == spec.background
+        words = edited.caption.split()
+        assert (words[color_at], words[shape_at]) == (edited.objects[0].color, first.shape)
+    assert fills == {"solid", "outlined"}  # both caption forms were checked

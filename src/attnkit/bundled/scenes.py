@@ -131,6 +131,15 @@ def caption_for(objects: tuple[ObjectSpec, ...] | list, background: str) -> str:
     return f"{phrases} on a {background} background"
 
 
+def recolour_first(spec: SceneSpec) -> tuple[SceneSpec, list[int]]:
+    """The colour swap that the inversion benchmark and ``docs/make_real_edits.py`` make: ``spec`` with object 0
+    in the first colour no object of the scene has, and the word indices of that object's colour and shape words
+    in the caption (``"a <colour> [outlined] <shape> ..."``), its local-blend words picked by index because a
+    scene may repeat a shape. ``edited, words = recolour_first(scene.spec)``"""
+    new = next(c for c in COLORS if c not in {o.color for o in spec.objects})
+    return spec.with_object(0, color=new), [1, 2 + (spec.objects[0].fill == "outlined")]
+
+
 def _depth(shape: str, cx: float, cy: float, s: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Signed distance (pixels) inside the shape's boundary: > 0 inside, exact for the convex shapes here."""
     dx, dy = xs - cx, ys - cy
