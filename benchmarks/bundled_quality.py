@@ -4,12 +4,16 @@
 never used in training), sampled with the model's own defaults (``attnkit.json``) and fixed generator seeds:
 colour / shape / count / background / fill accuracy read by the rule-based checker, and cross-attention
 localisation IoU (each object's colour word and shape word vs. that object's mask found by the checker; a
-missing object scores 0; details in ``attnkit.bundled.evaluate``).
+missing object scores 0; details in ``attnkit.bundled.evaluate``); (c) grammar v2 (issue 11): held-out prompts
+that leave the background open (every colour named) and prompts that leave the first object's colour open:
+the prompted attributes' accuracy, and how evenly the model spreads the open attribute over its values
+(normalised entropy of the histogram of what the checker read, and the smallest value's share relative to
+its share in the data, which is uniform for both attributes).
 
 Usage::
 
-    python benchmarks/bundled_quality.py            # full: 500 checker renders, 200 generated images
-    python benchmarks/bundled_quality.py --quick    # < 5 min: 200 renders, 48 generated images
+    python benchmarks/bundled_quality.py            # full: 500 renders, 200 full + 2 x 200 open prompts
+    python benchmarks/bundled_quality.py --quick    # < 5 min: 200 renders, 48 full + 2 x 32 open prompts
 
 The last line printed is one JSON object with the headline numbers.
 """
@@ -27,15 +31,50 @@ import numpy as np
 import torch
 
 from attnkit.bundled.checker import validate
-from attnkit.bundled.evaluate import generate_scored
-from attnkit.bundled.scenes import spec_for_seed
+from attnkit.bundled.evaluate import (
+    ATTRIBUTES,
+    chosen_values,
+    generate_scored,
+    mean_attributes,
+    open_prompts,
+    spread,
+)
+from attnkit.bundled.scenes import BACKGROUNDS, COLORS, spec_for_seed
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
 BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
+OPEN_SEED_START = {"background": 10_200_000, "color": 10_300_000}  # held-out, disjoint from the above
 CHECKER_SEED_START = 10_000_000
 
 
-def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8) -> dict:
+def run_open(pipe, n: int, guidance: float, steps: int, batch: int = 8) -> dict:
+    """Grammar v2: ``n`` prompts with an open background and ``n`` with an open colour."""
+    out: dict = {}
+    every = []
+    for kind, support in (("background", list(BACKGROUNDS)), ("color", list(COLORS))):
+        start = OPEN_SEED_START[kind]
+        prompts = open_prompts(range(start, start + n), kind)
+        results = []
+        for i in range(0, n, batch):
+            seeds = range(start + i, start + min(n, i + batch))
+            results += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps)
+            print(f"  open {kind}: {min(n, i + batch)}/{n}", file=sys.stderr, flush=True)
+        sp = spread(chosen_values(results, kind), support)
+        out[f"open_{kind}_entropy"] = sp["entropy"]
+        out[f"open_{kind}_min_share"] = sp["min_share_ratio"]
+        out[f"open_{kind}_histogram"] = sp["histogram"]
+        out[f"open_{kind}_prompted"] = mean_attributes(results)
+        out[f"open_{kind}_examples"] = [p.caption for p in prompts[:2]]
+        every += results
+    acc = mean_attributes(every)
+    out["open_prompted"] = acc
+    out["open_prompted_acc"] = float(np.mean([acc[k] for k in ATTRIBUTES]))
+    out["n_open"] = n
+    return out
+
+
+def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8,
+        n_open: int | None = None) -> dict:
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(int(os.environ.get("ATTNKIT_BENCH_THREADS", "1")))
@@ -78,6 +117,7 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
                  generator=torch.Generator().manual_seed(i), height=64, width=64)
         single.append(time.time() - ts)
     acc = {k: v / n for k, v in tot.items()}
+    opened = run_open(pipe, n_open if n_open is not None else (32 if quick else 200), g, steps, batch)
     res = {
         "color_acc": acc["color"],
         "shape_acc": acc["shape"],
@@ -96,6 +136,7 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
         "num_inference_steps": steps,
         "s_per_image": t_gen / n,
         "single_image_s": float(np.median(single)),
+        **opened,
         "seconds": time.time() - t0,
     }
     return res
@@ -115,6 +156,21 @@ def print_table(res: dict) -> None:
     print(f"| no object found (failures) | {res['failures']}/{res['n_images']} | |")
     ck = " ".join(f"{k} {v:.3f}" for k, v in res["checker"].items())
     print(f"| checker on {res['n_checker']} renders | {res['checker_acc']:.3f} ({ck}) | >= 0.98 |")
+    if not res["n_open"]:
+        return
+    print(f"\ngrammar v2: {res['n_open']} prompts with an open background, {res['n_open']} with the first object's "
+          f"colour open (e.g. {res['open_color_examples'][0]!r})")
+    print("| prompts | " + " | ".join(ATTRIBUTES) + " | open value: entropy | min share / data share | histogram |")
+    print("|---" * (len(ATTRIBUTES) + 4) + "|")
+    full = {k: res[f"{k}_acc"] for k in ATTRIBUTES}
+    print("| full captions (above) | " + " | ".join(f"{full[k]:.3f}" for k in ATTRIBUTES) + " | | | |")
+    for kind in ("background", "color"):
+        acc = res[f"open_{kind}_prompted"]
+        cells = " | ".join("open" if np.isnan(acc[k]) else f"{acc[k]:.3f}" for k in ATTRIBUTES)
+        hist = " ".join(f"{k} {v}" for k, v in res[f"open_{kind}_histogram"].items())
+        print(f"| open {kind} | {cells} | {res[f'open_{kind}_entropy']:.3f} (>= 0.9) | "
+              f"{res[f'open_{kind}_min_share']:.2f} (>= 0.5) | {hist} |")
+    print(f"| open_prompted_acc (mean of the prompted attributes) | {res['open_prompted_acc']:.3f} | | | | | | | |")
 
 
 def main() -> None:
@@ -123,10 +179,11 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     p.add_argument("--guidance", type=float, default=None, help="override the model's default guidance")
     p.add_argument("--n", type=int, default=None, help="number of generated images")
+    p.add_argument("--n-open", type=int, default=None, help="prompts per open attribute (0: skip grammar v2)")
     a = p.parse_args()
-    res = run(a.quick, a.model_dir, a.guidance, a.n)
+    res = run(a.quick, a.model_dir, a.guidance, a.n, n_open=a.n_open)
     print_table(res)
-    print(json.dumps({k: v for k, v in res.items() if k != "checker"}))
+    print(json.dumps({k: v for k, v in res.items() if k != "checker" and not k.endswith("_examples")}))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
 """Tests of the shapes-world scene generator."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from attnkit.bundled.scenes import (
     BACKGROUNDS,
     COLORS,
     HELDOUT_SEED_START,
+    OPEN_BACKGROUND_RATE,
+    OPEN_COLOR_RATE,
     SHAPES,
     TRAIN_SEEDS,
     VOCABULARY,
+    ObjectSpec,
+    Prompt,
+    SceneSpec,
     caption_for,
     recolour_first,
     render_scene,
     render_spec,
+    spec_for_seed,
+    training_prompt,
 )
 
 
@@ -86,3 +94,33 @@ def test_recolour_first_picks_an_unused_colour_and_the_objects_own_words():
         words = edited.caption.split()
         assert (words[color_at], words[shape_at]) == (edited.objects[0].color, first.shape)
     assert fills == {"solid", "outlined"}  # both caption forms were checked
+
+
+def test_grammar_v2_leaves_colours_and_background_open_with_the_right_article():
+    spec = SceneSpec("black", (ObjectSpec("circle", "red", "solid", (20, 20), 10),
+                               ObjectSpec("square", "blue", "outlined", (44, 44), 10)))
+    assert spec.partial_caption() == spec.caption == "a red circle and a blue outlined square on a black background"
+    assert spec.partial_caption([0]) == "a circle and a blue outlined square on a black background"
+    assert spec.partial_caption([1], open_background=True) == "a red circle and an outlined square"
+    assert Prompt(spec, (0, 1), True).caption == "a circle and an outlined square"
+    assert Prompt(spec).is_full and not Prompt(spec, open_background=True).is_full
+    with pytest.raises(ValueError, match="open_colors"):
+        spec.partial_caption([2])
+
+
+def test_training_prompts_keep_their_scene_and_open_attributes_at_the_chosen_rates():
+    vocab = set(VOCABULARY)
+    prompts = [training_prompt(seed) for seed in range(3000)]
+    assert all(p.spec == spec_for_seed(seed) for seed, p in enumerate(prompts[:50]))  # same scenes as v1
+    assert all(set(p.caption.split()) <= vocab for p in prompts)
+    n_objects = sum(len(p.spec.objects) for p in prompts)
+    color_rate = sum(len(p.open_colors) for p in prompts) / n_objects
+    background_rate = np.mean([p.open_background for p in prompts])
+    assert abs(color_rate - OPEN_COLOR_RATE) < 0.03 and abs(background_rate - OPEN_BACKGROUND_RATE) < 0.03
+    assert training_prompt(5) == training_prompt(5)  # deterministic
+    assert all(training_prompt(s, 0.0, 0.0).is_full for s in range(100))  # rates 0: today's grammar
+    for p in prompts[:300]:  # every full caption is exactly the v1 caption; open ones drop words only
+        words = p.caption.split()
+        assert ("background" in words) != p.open_background
+        for i, o in enumerate(p.spec.objects):
+            assert (o.color in words) != (i in p.open_colors)

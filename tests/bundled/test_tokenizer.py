@@ -1,9 +1,13 @@
 """Tests of the shapes-world CLIP tokenizer."""
 
-from transformers import CLIPTokenizer
+from pathlib import Path
 
-from attnkit.bundled.scenes import VOCABULARY, ObjectSpec, SceneSpec, render_scene
+from transformers import AutoTokenizer, CLIPTokenizer
+
+from attnkit.bundled.scenes import VOCABULARY, ObjectSpec, Prompt, SceneSpec, render_scene
 from attnkit.bundled.tokenizer import MODEL_MAX_LENGTH, SPLIT_WORDS, build_tokenizer, object_word_tokens
+
+MODEL = Path(__file__).resolve().parents[2] / "src" / "attnkit" / "bundled" / "model"
 
 
 def test_round_trip_and_vocabulary(tmp_path):
@@ -39,3 +43,26 @@ def test_object_word_tokens_follow_the_caption(tmp_path):
     #   0   1  2    3     4  5   6   7    8     9    10 11  12    13   14
     assert object_word_tokens(tok, spec) == [{"color": [2], "fill": [], "shape": [3]},
                                              {"color": [6], "fill": [7, 8], "shape": [9]}]
+
+
+def test_an_is_two_existing_tokens_and_changes_no_id(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    assert tok.tokenize("an outlined square") == ["a", "n</w>", "out", "lined</w>", "square</w>"]
+    assert "a" in tok.get_vocab() and "n</w>" in tok.get_vocab()  # byte-level tokens, there before "an"
+    shipped = AutoTokenizer.from_pretrained(MODEL / "tokenizer")
+    assert len(tok) == len(shipped)
+    for cap in ("a red outlined circle and an outlined square", "a circle and a blue square on a grey background"):
+        assert tok(cap).input_ids == shipped(cap).input_ids
+
+
+def test_object_word_tokens_of_open_captions(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    spec = SceneSpec("black", (ObjectSpec("circle", "red", "outlined", (20, 20), 10),
+                               ObjectSpec("circle", "blue", "outlined", (44, 44), 10)))
+    # <bos> a n out lined circle and a blue out lined circle
+    #   0   1 2  3    4     5     6  7  8    9   10    11
+    expected = [{"color": [], "fill": [3, 4], "shape": [5]}, {"color": [8], "fill": [9, 10], "shape": [11]}]
+    assert object_word_tokens(tok, spec, [0]) == expected
+    assert object_word_tokens(tok, Prompt(spec, (0,), True)) == expected
+    # a repeated shape is found in its own phrase, not the first occurrence
+    assert object_word_tokens(tok, spec, [0, 1])[1] == {"color": [], "fill": [9, 10], "shape": [11]}

@@ -44,7 +44,8 @@ def test_train_export_resume_and_warm_start(tmp_path):
     for name in ("vae", "tokenizer", "data"):
         (other / name).symlink_to(run / name)
     trainer.train_unet(other, 0.01, 16, export_dir=tmp_path / "export2", text_layers=1,
-                       warm_start=run / "ckpt" / "ema.safetensors", ground_weight=0.1, **TOY)
+                       warm_start=run / "ckpt" / "ema.safetensors", ground_weight=0.1, open_rates=(0.5, 0.5),
+                       **TOY)
     line = next(x for x in _log(other).splitlines() if "warm start" in x)
     copied, total = map(int, line.rsplit(": ", 1)[1].split()[0].split("/"))
     assert 0 < copied < total  # the new transformer layer has nothing to copy from
@@ -52,6 +53,16 @@ def test_train_export_resume_and_warm_start(tmp_path):
     assert 0 < grounding <= 2  # the grounding loss ran (token loss and coverage, each at most 1)
     info = json.loads((tmp_path / "export2" / "training_info.json").read_text())
     assert info["ground_weight"] == 0.1 and "iou" in info["eval"]["1.5"]
+    # grammar v2: the open captions were trained on and the evaluation scored open prompts too
+    assert info["open_color_rate"] == info["open_background_rate"] == 0.5
+    assert {"open_background_entropy", "open_color_entropy", "open_prompted_acc"} <= set(info["eval"]["1.5"])
+    ids = trainer.load_latents(other, 16, (0.5, 0.5))[1]
+    tok = trainer.get_tokenizer(other)
+    captions = tok.batch_decode(ids, skip_special_tokens=True)
+    from attnkit.bundled.scenes import training_prompt
+
+    assert captions == [training_prompt(s, 0.5, 0.5).caption for s in range(16)]
+    assert any("background" not in c for c in captions) and any(c.startswith("a ") for c in captions)
 
 
 def test_grounding_targets_mark_each_object_words_with_its_mask(tmp_path):
@@ -73,6 +84,23 @@ def test_grounding_targets_mark_each_object_words_with_its_mask(tmp_path):
     grounded = {p for w in words for k in ("color", "fill", "shape") for p in w[k]}
     assert set(torch.nonzero(weight[0]).flatten().tolist()) == grounded  # "a", "and", "on", ... are not
     assert targets[8][0].shape[-1] == 64
+
+
+def test_grounding_targets_of_open_colours_ground_fill_and_shape_only(tmp_path):
+    from attnkit.bundled.scenes import training_prompt
+    from attnkit.bundled.tokenizer import build_tokenizer, object_word_tokens
+
+    tok = build_tokenizer(tmp_path)
+    seed = next(s for s in range(200) if training_prompt(s, 0.5, 0.5).open_colors)
+    prompt = training_prompt(seed, 0.5, 0.5)
+    target, weight = trainer.grounding_targets(tok, [seed], torch.tensor([False]), (0.5, 0.5))[16]
+    words = object_word_tokens(tok, prompt)
+    assert all(not words[i]["color"] for i in prompt.open_colors)
+    grounded = {p for w in words for k in ("color", "fill", "shape") for p in w[k]}
+    assert set(torch.nonzero(weight[0]).flatten().tolist()) == grounded
+    ids = tok(prompt.caption).input_ids
+    assert all(tok.convert_ids_to_tokens(ids[p]) in (f"{prompt.spec.objects[i].shape}</w>",)
+               for i, w in enumerate(words) for p in w["shape"])
 
 
 def test_grounding_loss_is_zero_for_attention_spread_over_the_mask():

@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,13 +118,21 @@ def read_image(img) -> Reading:
     return Reading(background, objects)
 
 
-def score(reading: Reading, spec: SceneSpec) -> dict:
+def score(reading: Reading, spec: SceneSpec, open_colors: Iterable[int] = (), open_background: bool = False
+          ) -> dict:
     """Compare a reading with the intended scene, matching objects by colour.
 
     Returns fractions in [0, 1]: ``background``, ``count`` (exact object count), and per expected object
     ``color`` (an object of that colour was found), ``shape`` and ``fill`` (that object's attributes right;
     a missing object counts as wrong).  Also ``n_expected``/``n_found`` and ``matches`` (index -> reading).
+
+    Grammar v2 (a caption that leaves attributes open): objects in ``open_colors`` are matched among the
+    readings no prompted colour claimed (same shape and fill first, then same shape, then the largest), and
+    ``color`` counts the prompted colours only (``None`` when every colour is open); with ``open_background``,
+    ``background`` is ``None``. What the model chose is in ``chosen_background`` and ``chosen_colors``
+    (object index -> colour read).
     """
+    open_set = set(open_colors)
     by_color: dict[str, ObjectReading] = {}
     for o in reading.objects:  # largest object of each colour
         by_color.setdefault(o.color, o)
@@ -131,22 +140,32 @@ def score(reading: Reading, spec: SceneSpec) -> dict:
     color = shape = fill = 0
     matches: dict[int, ObjectReading] = {}
     for i, o in enumerate(spec.objects):
-        r = by_color.get(o.color)
-        if r is None:
-            continue
-        matches[i] = r
-        color += 1
-        shape += r.shape == o.shape
-        fill += r.fill == o.fill
+        r = None if i in open_set else by_color.get(o.color)
+        if r is not None:
+            matches[i] = r
+            color += 1
+    free = [r for r in reading.objects if all(r is not m for m in matches.values())]
+    for i in sorted(open_set):
+        o = spec.objects[i]
+        ranked = sorted(free, key=lambda r, o=o: (r.shape != o.shape, r.fill != o.fill))  # stable: largest first
+        if ranked:
+            matches[i] = ranked[0]
+            free.remove(ranked[0])
+    for i, r in matches.items():
+        shape += r.shape == spec.objects[i].shape
+        fill += r.fill == spec.objects[i].fill
+    n_prompted = n - len(open_set)
     return {
-        "background": float(reading.background == spec.background),
+        "background": None if open_background else float(reading.background == spec.background),
         "count": float(len(reading.objects) == n),
-        "color": color / n,
+        "color": color / n_prompted if n_prompted else None,
         "shape": shape / n,
         "fill": fill / n,
         "n_expected": n,
         "n_found": len(reading.objects),
         "matches": matches,
+        "chosen_background": reading.background,
+        "chosen_colors": {i: matches[i].color for i in sorted(open_set) if i in matches},
     }
 
 

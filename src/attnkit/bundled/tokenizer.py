@@ -14,12 +14,16 @@ Usage::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from .scenes import VOCABULARY
+from .scenes import VOCABULARY, Prompt
 
 MODEL_MAX_LENGTH = 32  # longest caption is 24 tokens with bos/eos (3 outlined objects); 32 leaves room
-SPLIT_WORDS: dict[str, tuple[str, ...]] = {"outlined": ("out", "lined"), "background": ("back", "ground")}
+# "an" (grammar v2) reuses two byte-level tokens that already exist, so adding it changed no id of the shipped
+# tokenizer and the text encoder needs no new embedding row
+SPLIT_WORDS: dict[str, tuple[str, ...]] = {"outlined": ("out", "lined"), "background": ("back", "ground"),
+                                           "an": ("a", "n")}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -111,8 +115,10 @@ def build_tokenizer(folder: str | Path):
     return tok
 
 
-def object_word_tokens(tokenizer, spec) -> list[dict[str, list[int]]]:
-    """Token positions of each object's colour, fill and shape words in ``spec.caption`` (caption order).
+def object_word_tokens(tokenizer, spec, open_colors: Iterable[int] = ()) -> list[dict[str, list[int]]]:
+    """Token positions of each object's colour, fill and shape words in its caption (caption order); with
+    ``open_colors`` (object indices, grammar v2) in ``spec.partial_caption(open_colors)``, where those objects
+    have no colour word (``color`` is empty). ``spec`` may also be a :class:`~attnkit.bundled.scenes.Prompt`.
 
     ``fill`` is empty for solid objects (no fill word). Usage::
 
@@ -120,13 +126,20 @@ def object_word_tokens(tokenizer, spec) -> list[dict[str, list[int]]]:
     """
     from attnkit.tokens import word_spans
 
-    spans = word_spans(tokenizer, spec.caption)
+    if isinstance(spec, Prompt):
+        spec, open_colors, caption = spec.spec, spec.open_colors, spec.caption
+    else:
+        caption = spec.partial_caption(open_colors)
+    open_set = set(open_colors)
+    spans = word_spans(tokenizer, caption)
     words = [s.word for s in spans]
     res, i = [], 0
-    for obj in spec.objects:
-        ci = words.index(obj.color, i)
-        si = words.index(obj.shape, ci)
-        fill = [p for s in spans[ci + 1 : si] for p in s.tokens]  # "outlined" when present
-        res.append({"color": list(spans[ci].tokens), "fill": fill, "shape": list(spans[si].tokens)})
-        i = si + 1
+    for k, obj in enumerate(spec.objects):
+        article = i + 1 if k else 0  # "a"/"an" opens each object phrase
+        si = words.index(obj.shape, article)
+        color = [] if k in open_set else list(spans[article + 1].tokens)
+        first_fill = article + 1 + (k not in open_set)
+        fill = [p for s in spans[first_fill:si] for p in s.tokens]  # "outlined" when present
+        res.append({"color": color, "fill": fill, "shape": list(spans[si].tokens)})
+        i = si + 1  # "and" follows
     return res

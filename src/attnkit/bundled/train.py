@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..engine import AttentionCall, Controller, Layout, control
 from ..images import psnr
-from .scenes import SIZE, render_scene
+from .scenes import SIZE, render_scene, training_prompt
 from .tokenizer import object_word_tokens
 
 DEFAULT_EXPORT = Path(__file__).resolve().parent / "model"
@@ -197,12 +197,24 @@ def encode_scenes(run_dir: Path, n_scenes: int) -> None:
         log(run_dir, f"encode: {stop}/{n_scenes} scenes, {stop / (time.time() - t0):.0f} scenes/s this run")
 
 
-def load_latents(run_dir: Path, n_scenes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_latents(run_dir: Path, n_scenes: int, open_rates: tuple[float, float] = (0.0, 0.0)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and caption token ids of training seeds ``0..n_scenes-1``. With ``open_rates`` (colour,
+    background) above 0, the captions are grammar v2's (:func:`~attnkit.bundled.scenes.training_prompt`),
+    tokenised once and cached beside the shards; the latents are the same scenes either way."""
     lats, ids = [], []
     for start in range(0, n_scenes, SHARD):
         d = np.load(run_dir / "data" / f"shard_{start // SHARD:04d}.npz")
         lats.append(d["latents"])
         ids.append(d["ids"])
+    if any(open_rates):
+        cache = run_dir / "data" / f"ids_open_{open_rates[0]:g}_{open_rates[1]:g}_{n_scenes}.npy"
+        if not cache.exists():
+            tok = get_tokenizer(run_dir)
+            caps = [training_prompt(s, *open_rates).caption for s in range(n_scenes)]
+            np.save(cache.with_suffix(".tmp.npy"), tokenize(tok, caps).numpy().astype(np.int16))
+            os.replace(cache.with_suffix(".tmp.npy"), cache)
+        ids = [np.load(cache)]
     return torch.from_numpy(np.concatenate(lats)), torch.from_numpy(np.concatenate(ids).astype(np.int64))
 
 
@@ -357,24 +369,34 @@ def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
 EVAL_SEED_START = 10_500_000  # held-out seeds used by the periodic evaluation (benchmarks use others)
 
 
-def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16) -> dict:
+def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16, open_n: int = 0) -> dict:
     """Generate ``n`` held-out prompts and score them: checker attributes and localisation ``iou`` (means over
-    images; ``mean`` averages all six, the figures of ``benchmarks/bundled_quality.py``)."""
-    from .evaluate import IOU_WORDS, generate_scored
-    from .scenes import spec_for_seed
+    images; ``mean`` averages all six, the figures of ``benchmarks/bundled_quality.py``). With ``open_n``,
+    also ``open_n`` prompts with an open background and ``open_n`` with an open colour (grammar v2):
+    ``open_background_entropy``, ``open_color_entropy`` and ``open_prompted_acc``, which join the mean."""
+    from .evaluate import IOU_WORDS, chosen_values, generate_scored, mean_attributes, open_prompts, spread
+    from .scenes import BACKGROUNDS, COLORS, spec_for_seed
 
-    keys = ("color", "shape", "count", "background", "fill")
-    tot = dict.fromkeys(keys, 0.0)
-    ious: list[float] = []
-    for i in range(0, n, batch):
-        seeds = range(EVAL_SEED_START + i, EVAL_SEED_START + min(n, i + batch))
-        for r in generate_scored(pipe, [spec_for_seed(s) for s in seeds], seeds, guidance, steps):
-            for k in keys:
-                tot[k] += r[k]
-            ious += [v for kind in IOU_WORDS for v in r["iou"][kind]]
-    res = {k: v / n for k, v in tot.items()}
-    res["iou"] = float(np.mean(ious))
-    res["mean"] = float(np.mean([res[k] for k in (*keys, "iou")]))
+    def scored(prompts: list, first_seed: int) -> list[dict]:
+        out = []
+        for i in range(0, len(prompts), batch):
+            seeds = range(first_seed + i, first_seed + min(len(prompts), i + batch))
+            out += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps)
+        return out
+
+    full = scored([spec_for_seed(s) for s in range(EVAL_SEED_START, EVAL_SEED_START + n)], EVAL_SEED_START)
+    res = mean_attributes(full)
+    res["iou"] = float(np.mean([v for r in full for kind in IOU_WORDS for v in r["iou"][kind]]))
+    parts = [res[k] for k in ("color", "shape", "count", "background", "fill", "iou")]
+    if open_n:
+        start = EVAL_SEED_START + n
+        bg = scored(open_prompts(range(start, start + open_n), "background"), start)
+        col = scored(open_prompts(range(start + open_n, start + 2 * open_n), "color"), start + open_n)
+        res["open_background_entropy"] = spread(chosen_values(bg, "background"), list(BACKGROUNDS))["entropy"]
+        res["open_color_entropy"] = spread(chosen_values(col, "color"), list(COLORS))["entropy"]
+        res["open_prompted_acc"] = float(np.mean(list(mean_attributes(bg + col).values())))
+        parts += [res["open_background_entropy"], res["open_color_entropy"], res["open_prompted_acc"]]
+    res["mean"] = float(np.mean(parts))
     return res
 
 
@@ -401,11 +423,14 @@ class _CrossAttentionTap(Controller):
             self.maps.append(call.probs().mean(dim=1))  # (B, queries, tokens), mean over heads
 
 
-def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor, open_rates: tuple[float, float] = (0.0, 0.0)
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per grid size: (target (B, tokens, H*W) = each grounded token's object mask, weight (B, tokens)).
 
     Grounded tokens are an object's colour, fill and shape words; their target is the object's visible mask
-    (area fraction per latent cell). Captions dropped for classifier-free guidance get no target.
+    (area fraction per latent cell). Captions dropped for classifier-free guidance get no target. With
+    ``open_rates`` the captions are grammar v2's: an object whose colour is left open grounds its fill and
+    shape words only.
     """
     length = tok.model_max_length
     out = {}
@@ -415,7 +440,8 @@ def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor) -> dict[int,
         if dropped[b]:
             continue
         scene = render_scene(int(seed))
-        for obj, words in zip(scene.objects, object_word_tokens(tok, scene.spec), strict=True):
+        prompt = training_prompt(int(seed), *open_rates)
+        for obj, words in zip(scene.objects, object_word_tokens(tok, prompt), strict=True):
             positions = words["color"] + words["fill"] + words["shape"]
             for r, (target, weight) in out.items():
                 f = SIZE // r
@@ -460,19 +486,22 @@ def train_unet(
     warm_start: Path | None = None,
     restart_schedule: bool = False,
     ground_weight: float = 0.0,
+    open_rates: tuple[float, float] = (0.0, 0.0),
 ) -> None:
     """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable).
 
     ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
     initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step;
-    ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss.
+    ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss;
+    ``open_rates``: (colour, background) rates at which grammar v2 leaves attributes open in the captions
+    (:func:`~attnkit.bundled.scenes.training_prompt`); above 0, the evaluation also scores open prompts.
     """
     from safetensors.torch import load_file, save_file
 
     tok = get_tokenizer(run_dir)
     vae = load_vae(run_dir)
     sf = vae.config.scaling_factor
-    latents, ids = load_latents(run_dir, n_scenes)
+    latents, ids = load_latents(run_dir, n_scenes, open_rates)
     n_data = len(latents)
     empty_ids = tokenize(tok, [""])[0]
     torch.manual_seed(seed)
@@ -540,7 +569,8 @@ def train_unet(
         try:
             pipe = build_pipeline(vae, te, tok, unet)
             pipe.set_progress_bar_config(disable=True)
-            results = {g: quick_eval(pipe, eval_n, g) for g in guidances}
+            results = {g: quick_eval(pipe, eval_n, g, open_n=eval_n // 2 if any(open_rates) else 0)
+                       for g in guidances}
             best_g = max(results, key=lambda g: results[g]["mean"])
             entry = {"step": state["step"], "samples": state["samples"], "minutes": state["seconds"] / 60,
                      **{f"g{g}": r for g, r in results.items()}}
@@ -556,7 +586,8 @@ def train_unet(
                 info = {"step": state["step"], "samples_seen": state["samples"],
                         "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
                         "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed,
-                        "text_layers": text_layers, "ground_weight": ground_weight}
+                        "text_layers": text_layers, "ground_weight": ground_weight,
+                        "open_color_rate": open_rates[0], "open_background_rate": open_rates[1]}
                 export_model(pipe, export_dir, defaults, info)
                 log(run_dir, f"exported to {export_dir} (mean {state['best']:.3f}, guidance {best_g})")
         except Exception as exc:  # an evaluation bug must not kill hours of training
@@ -614,7 +645,7 @@ def train_unet(
         enc = te(tids).last_hidden_state
         if ground_weight > 0:
             # dataset row i is the scene of training seed i, so its masks are one render away
-            targets = grounding_targets(tok, idx.tolist(), drop)
+            targets = grounding_targets(tok, idx.tolist(), drop, open_rates)
             tap = _CrossAttentionTap()
             with control(SimpleNamespace(unet=unet), tap, layout=Layout(prompts=batch, cfg=False)) as ctl:
                 ctl.set_step(0, 1)
@@ -670,6 +701,9 @@ def train(
     warm_start: str | Path | None = None,
     restart_schedule: bool = False,
     ground_weight: float = 0.0,
+    open_color_rate: float = 0.0,
+    open_background_rate: float = 0.0,
+    guidances: tuple[float, ...] = (1.5, 2.5),
 ) -> None:
     """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
 
@@ -685,7 +719,8 @@ def train(
         minutes = (end_at - time.time()) / 60
     train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir),
                text_layers=text_layers, warm_start=Path(warm_start) if warm_start else None,
-               restart_schedule=restart_schedule, ground_weight=ground_weight)
+               restart_schedule=restart_schedule, ground_weight=ground_weight,
+               open_rates=(open_color_rate, open_background_rate), guidances=tuple(guidances))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -705,9 +740,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--restart-schedule", action="store_true", help="new warm-up + cosine when resuming")
     p.add_argument("--ground-weight", type=float, default=0.0,
                    help="weight of the loss that keeps each object word's cross-attention on its object")
+    p.add_argument("--open-color-rate", type=float, default=0.0,
+                   help="grammar v2: how often a caption leaves an object's colour open (the shipped model: 0.2)")
+    p.add_argument("--open-background-rate", type=float, default=0.0,
+                   help="grammar v2: how often a caption leaves the background open (the shipped model: 0.25)")
+    p.add_argument("--guidances", type=float, nargs="+", default=[1.5, 2.5],
+                   help="guidance scales the periodic evaluation compares (the best one is exported)")
     a = p.parse_args(argv)
     train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
-          a.end_at, a.text_layers, a.warm_start, a.restart_schedule, a.ground_weight)
+          a.end_at, a.text_layers, a.warm_start, a.restart_schedule, a.ground_weight, a.open_color_rate,
+          a.open_background_rate, tuple(a.guidances))
 
 
 if __name__ == "__main__":
