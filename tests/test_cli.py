@@ -152,7 +152,15 @@ def test_train_bundled_calls_the_trainer(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen == {"run_dir": tmp_path / "run", "minutes": 0.5, "export_dir": tmp_path / "run" / "model",
                     "n_scenes": 100_000, "lr": 1e-3, "restart_schedule": False, "text_layers": 2, "warm_start": None,
-                    "ground_weight": 0.0}
+                    "ground_weight": 0.0, "open_color_rate": 0.0, "open_background_rate": 0.0}
+    seen.clear()
+    result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--open-color-rate", "0.2",
+                    "--open-background-rate", "0.25")
+    assert result.exit_code == 0, result.output
+    assert (seen["open_color_rate"], seen["open_background_rate"]) == (0.2, 0.25)
+    seen.clear()
+    result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--open-color-rate", "1.5")
+    assert result.exit_code == 2 and "probability" in result.output and not seen
     result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--n-scenes", "60000", "--lr", "3e-4",
                     "--restart-schedule", "--text-layers", "0", "--warm-start", tmp_path / "ema.safetensors",
                     "--ground-weight", "0.1")

@@ -467,14 +467,24 @@ def train_bundled(
     ground_weight: Annotated[float, typer.Option(
         help="Weight of the grounding loss that keeps each object word's cross-attention on its object "
              "(the shipped model's fine-tuning: 0.1).")] = 0.0,
+    open_color_rate: Annotated[float, typer.Option(
+        help="Grammar v2: how often a training caption leaves an object's colour open (\"a circle\"; the issue-11 "
+             "fine-tune: 0.2).")] = 0.0,
+    open_background_rate: Annotated[float, typer.Option(
+        help="Grammar v2: how often a training caption leaves the background open (the issue-11 fine-tune: "
+             "0.25).")] = 0.0,
 ) -> None:
     """Retrain the bundled shapes-world model on this machine's CPU (see attnkit/bundled/train.py), then use it
     with --model RUN_DIR/model."""
     from attnkit.bundled.train import train
 
+    for name, rate in (("--open-color-rate", open_color_rate), ("--open-background-rate", open_background_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise typer.BadParameter(f"{name} is a probability: give a value from 0 to 1, not {rate}")
     train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", n_scenes=n_scenes, lr=lr,
           restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start,
-          ground_weight=ground_weight)
+          ground_weight=ground_weight, open_color_rate=open_color_rate,
+          open_background_rate=open_background_rate)
 
 
 def _attention_grids(pipe: Any, height: int | None, width: int | None) -> list[int]:
