@@ -9,6 +9,11 @@ classifier-free guidance (batch 2) runs it exactly as ``StableDiffusionPipeline`
 - ``store+self32``: the same plus self-attention maps at 32x32 (1024x1024 per layer, computed explicitly);
 - ``explicit``: diffusers' ``AttnProcessor`` everywhere (softmax(QK^T)V materialised in every layer), for context.
 
+Then the MM-DiT rows (``benchmarks/overhead_mmdit.py``, run as a subprocess with the same ``--quick`` and
+``--threads``; its table is printed here and its headline keys join this script's last line): the SD3-medium
+transformer architecture (map store, a Prompt-to-Prompt edit, peak memory) and a FLUX.1-dev-width transformer
+reduced in depth (map store). ``--families unet`` or ``--families mmdit`` runs one part only.
+
 Time: all variants run in one process, interleaved in rounds (order rotated each round), so background load hits
 them alike; the ratio is the median over rounds of (variant time / stock time of the same round). The headline
 uses the process's CPU time (one torch thread, so CPU time is compute time; on a shared machine it is far less
@@ -17,8 +22,10 @@ Memory: each variant samples once in a fresh subprocess; its peak resident set s
 ``/proc/self/clear_refs`` right before sampling) is compared. Reported as the whole-process peak (weights
 included: what a user's machine must hold) and as the extra memory sampling needs above the loaded model.
 
-    python benchmarks/overhead.py --quick        # 256x256, 1 step, 4 rounds (~4 min on one CPU thread)
-    python benchmarks/overhead.py                # 256x256, 3 steps, 3 rounds (~8 min)
+    python benchmarks/overhead.py --quick        # UNet: 256x256, 1 step, 4 rounds; then the MM-DiT --quick rows
+                                                 # (~4 + ~3 CPU minutes: each part alone is under 5)
+    python benchmarks/overhead.py                # UNet: 256x256, 3 steps, 3 rounds; then the full MM-DiT rows
+    python benchmarks/overhead.py --quick --families mmdit   # the SD3/FLUX rows only
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ SD15_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False, steps_offset=1)
 VARIANTS = ("stock", "store", "store+self32", "explicit")
 GUIDANCE = 7.5
+MMDIT_SCRIPT = Path(__file__).with_name("overhead_mmdit.py")
+# Keys of overhead_mmdit.py's headline that name run settings this script's headline also has.
+MMDIT_RENAMED = {"size": "sd3_size", "steps": "mmdit_steps", "rounds": "mmdit_rounds", "threads": "mmdit_threads",
+                 "seconds": "mmdit_seconds"}
 
 
 def build_unet(seed: int = 0) -> Any:
@@ -172,6 +183,18 @@ def paired_ratio(times: dict[str, list[float]], name: str) -> float:
     return statistics.median(paired_ratios(times, name))
 
 
+def run_mmdit(args: argparse.Namespace) -> dict[str, Any]:
+    """The SD3/FLUX rows: ``overhead_mmdit.py`` in a subprocess (it spawns its own memory children); its table is
+    printed here, its last-line JSON returned with the run-setting keys renamed (``MMDIT_RENAMED``)."""
+    cmd = [sys.executable, str(MMDIT_SCRIPT), "--threads", str(args.threads), *(["--quick"] if args.quick else [])]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # its progress goes to our stderr
+    if out.returncode != 0:
+        raise SystemExit(f"benchmarks/overhead_mmdit.py failed (exit {out.returncode}); see its output above")
+    lines = out.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)
+    return {MMDIT_RENAMED.get(k, k): v for k, v in json.loads(lines[-1]).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 step per run, 4 rounds (a few minutes)")
@@ -179,6 +202,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per run (default 3; --quick: 1)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (3; --quick: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--families", choices=("all", "unet", "mmdit"), default="all",
+                        help="which rows: the SD1.5 UNet, the SD3/FLUX transformers (overhead_mmdit.py), or both")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (1 if args.quick else 3)
@@ -189,6 +214,9 @@ def main() -> None:
         return
 
     started = time.perf_counter()
+    if args.families == "mmdit":
+        print(json.dumps(run_mmdit(args)))
+        return
     memory = measure_memory(args)
     times, walls, diffs = measure_time(args)
     gib = 2**30
@@ -226,8 +254,11 @@ def main() -> None:
         "mem_ratio_explicit": round(rows["explicit"]["mem_ratio"], 4),
         "max_abs_diff_store": diffs["store"],
         "size": args.size, "steps": args.steps, "rounds": args.rounds, "threads": args.threads,
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if args.families == "all":
+        print(flush=True)
+        headline.update(run_mmdit(args))
+    headline["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(headline))
 
 

@@ -94,9 +94,34 @@ def test_cli_edit_writes_grid_images_and_record(tmp_path):
     assert record["targets"] == TARGETS and record["cross"] == {"default_": [0.2, 0.9], "lego": 0.5}
     assert record["reweight"] == {"lego": -1.0} and record["blend"] == ["cake"]
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["grid.png", "00_source.png", "01_a_chocolate_cake.png", "02_a_lego_cake.png",
-                            "record.json"])
-    assert read_png_metadata(out / "02_a_lego_cake.png")["edited_prompt"] == TARGETS[1]
+    assert files == sorted(["grid.png", "00_source.png", "01_chocolate.png", "02_lego.png", "record.json"])
+    assert read_png_metadata(out / "02_lego.png")["edited_prompt"] == TARGETS[1]
     bad = CliRunner().invoke(app, ["edit", SOURCE, "--to", "a big lemon cake", "--kind", "replace", "--model",
                                    "tiny", "--steps", "2", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "same number of words" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_subtract_threshold_reaches_the_local_blend(pipe):
+    from attnkit.controllers import LocalBlend
+    from attnkit.edit import build_controllers
+
+    prompts = ["a red circle and a square", "a blue circle and a square"]
+    blend = [c for c in build_controllers(pipe.tokenizer, prompts, blend=["circle"], subtract=["square"],
+                                          subtract_threshold=0.7) if isinstance(c, LocalBlend)][0]
+    assert blend.subtract_threshold == 0.7
+    result = edit(pipe, prompts[0], prompts[1:], blend=["circle"], subtract=["square"], subtract_threshold=0.7,
+                  steps=2, maps=False, progress=False)
+    assert result.settings["subtract_threshold"] == 0.7
+
+
+def test_steps_zero_is_refused_not_replaced_by_the_default(pipe):
+    with pytest.raises(AttnkitError, match="steps=0: give from 1 to 1000"):
+        edit(pipe, SOURCE, TARGETS, steps=0, progress=False)
+    with pytest.raises(AttnkitError, match="steps=0"):
+        generate(pipe, SOURCE, steps=0, progress=False)
+    for size in ({"height": 0}, {"width": 30}):
+        with pytest.raises(AttnkitError, match="multiples of 8"):
+            generate(pipe, SOURCE, steps=1, progress=False, **size)
+    for guidance in (float("nan"), float("inf")):
+        with pytest.raises(AttnkitError, match="finite guidance"):
+            generate(pipe, SOURCE, steps=1, guidance=guidance, progress=False)

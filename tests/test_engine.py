@@ -265,3 +265,62 @@ def test_generate_shares_one_noise_and_restores(pipe):
     # Same prompt and one shared noise: identical rows.
     torch.testing.assert_close(result.latents[0], result.latents[1])
     assert all(pipe.unet.attn_processors[n] is before[n] for n in before)
+
+
+# -- model families -------------------------------------------------------------------------------------------
+def test_unknown_denoisers_name_the_supported_families():
+    from diffusers import PixArtTransformer2DModel
+
+    pixart = types.SimpleNamespace(transformer=PixArtTransformer2DModel(
+        num_attention_heads=1, attention_head_dim=8, in_channels=4, sample_size=8, num_layers=1,
+        caption_channels=8, cross_attention_dim=8))
+    for pipe in (pixart, types.SimpleNamespace(vae=torch.nn.Linear(2, 2))):
+        with pytest.raises(AttnkitError, match="SD3Transformer2DModel .*FluxTransformer2DModel") as info:
+            with control(pipe, AttentionStore()):
+                pass
+        assert "UNet2DConditionModel" in str(info.value)
+
+
+class FluxOnly(Controller):
+    families = ("flux",)
+
+    def on_enter(self, ctl):
+        raise AssertionError("a refused controller must not be entered")
+
+
+def test_controller_families_are_checked_before_anything_is_installed(pipe):
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(AttnkitError, match="FluxOnly cannot act on this UNet .*works on flux pipelines"):
+        with control(pipe, AttentionStore(), FluxOnly()):
+            pass
+    assert all(pipe.unet.attn_processors[n] is before[n] for n in before)
+    assert len(pipe.unet._forward_pre_hooks) == 0
+
+
+def test_selection_places_name_unet_places_or_transformer_streams():
+    from attnkit import Selection
+    from attnkit.engine import LayerInfo
+
+    def call(place):
+        info = LayerInfo(name="x", place=place, block=0, attention=0, transformer=0, is_cross=True, heads=1)
+        return types.SimpleNamespace(layer=info, height=4, width=4, step=0, num_steps=1)
+
+    default, single, up = Selection(), Selection(places=("single",)), Selection(places=("up",))
+    assert all(default.matches(call(p)) for p in ("down", "mid", "up", "double", "single"))
+    assert single.matches(call("single")) and not single.matches(call("double"))
+    assert up.matches(call("up")) and not up.matches(call("down")) and up.matches(call("double"))
+    with pytest.raises(AttnkitError, match="'double' and/or 'single'"):
+        Selection(places=("middle",))
+
+
+def test_flux_timesteps_divided_by_1000_resolve_to_their_step():
+    from attnkit.engine import _step_from_timestep
+
+    scheduler = types.SimpleNamespace(timesteps=torch.tensor([1000.0, 614.7919, 250.5]))
+    pipe = types.SimpleNamespace(scheduler=scheduler)
+    t = (scheduler.timesteps[1:2] / 1000).to(torch.float32)
+    assert _step_from_timestep(pipe, t, 1000.0) == (1, 3)
+    with pytest.raises(AttnkitError, match="set_step"):
+        _step_from_timestep(pipe, torch.tensor([0.5]), 1000.0)
+    with pytest.raises(AttnkitError, match="set_step"):  # a UNet's integer timesteps stay exact
+        _step_from_timestep(pipe, torch.tensor([614.0]))

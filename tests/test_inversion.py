@@ -176,6 +176,8 @@ def test_editing_a_null_text_inversion_keeps_the_reconstruction_as_source(fixtur
     reference = reconstruct_latents(pipe, inv)
     assert torch.allclose(result.latents[:1].float(), reference, atol=1e-4)  # source row = reconstruction
     assert (result.latents[1:].float() - reference).abs().max() > 1e-4  # the edit row really differs
+    # the null-text notebook's real-image schedule: self-attention for half the steps, grids up to 32x32
+    assert (result.settings["self"], result.settings["self_res"]) == (0.5, 32)
 
 
 @pytest.mark.parametrize("fixture", ["sd_v", "sdxl_v"])

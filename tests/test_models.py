@@ -122,3 +122,57 @@ def test_loads_an_sdxl_folder(tmp_path):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder_2.dtype == torch.bfloat16
     assert pipe.unet.config.addition_embed_type == "text_time"
+
+
+HAS_BUNDLED = (models_module.BUNDLED_MODEL / "model_index.json").is_file()
+
+
+@pytest.mark.skipif(not HAS_BUNDLED, reason="the bundled model has not been exported yet")
+def test_a_script_loads_and_samples_without_noise():
+    """Before: diffusers' five lines about accelerate and transformers' two about torchvision on every run.
+
+    accelerate is hidden (``find_spec`` gives None, as on a plain ``pip install attnkit``): the test extra
+    installs it, and with it diffusers has nothing to say anyway."""
+    hide = "import sys; sys.modules['accelerate'] = None; "
+    code = (hide + "import attnkit; pipe = attnkit.load_pipeline(); pipe.set_progress_bar_config(disable=True); "
+            "attnkit.generate(pipe, 'a red circle', steps=1, progress=False)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    text = run.stdout + run.stderr.replace("Loading pipeline components", "")
+    assert "accelerate" not in text and "torchvision" not in text and "Warning" not in text, text
+
+
+def test_float16_on_the_cpu_warns_once_in_one_line(saved):
+    from attnkit.notices import AttnkitWarning
+
+    with pytest.warns(AttnkitWarning, match="float16 on the CPU") as caught:
+        pipe = load_pipeline(saved[1], dtype="fp16", device="cpu")
+    assert pipe.unet.dtype == torch.float16
+    assert len([w for w in caught if issubclass(w.category, AttnkitWarning)]) == 1
+
+
+def test_unknown_words_are_named_against_the_models_vocabulary(saved, tmp_path):
+    assert models_module.unknown_words(saved[0], "a cat wearing sunglasses") == []  # CLIP reads any word
+    folder = tmp_path / "shapes"
+    saved[0].save_pretrained(folder)
+    (folder / "attnkit.json").write_text(json.dumps({"vocabulary": ["a", "red", "circle", "on"]}))
+    pipe = load_pipeline(folder)
+    assert defaults_for(pipe).vocabulary == ("a", "red", "circle", "on")
+    assert models_module.unknown_words(pipe, ["a red cat,", "a 🕶️ circle", "A RED CIRCLE"]) == ["cat", "🕶️"]
+    from attnkit.notices import AttnkitWarning
+
+    with pytest.warns(AttnkitWarning, match="'cat', 'dog'.*It knows only: a red circle on"):
+        models_module.warn_unknown_words(pipe, ["a red cat", "a dog"])
+
+
+@pytest.mark.skipif(not HAS_BUNDLED, reason="the bundled model has not been exported yet")
+def test_the_bundled_model_knows_the_shapes_world_words():
+    from attnkit.bundled.scenes import VOCABULARY
+
+    pipe = load_pipeline()
+    assert defaults_for(pipe).vocabulary == VOCABULARY and "an" in VOCABULARY
+    for prompt in ("a circle", "an outlined square", "a red circle and a square",
+                   "a red circle and a blue outlined square on a black background"):
+        assert models_module.unknown_words(pipe, prompt) == [], prompt
+    assert models_module.unknown_words(pipe, "a cat wearing sunglasses") == ["cat", "wearing", "sunglasses"]

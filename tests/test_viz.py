@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from attnkit import image_grid, map_grid, overlay, read_png_metadata, save_png, word_strip
-from attnkit.viz import MIN_SIDE, colorize, enlarge, normalize
+from attnkit.viz import MIN_SIDE, _font, _has_glyph, colorize, drawable, enlarge, mark_point, normalize
 
 
 def grey(size=64):
@@ -29,18 +29,49 @@ def test_normalize_per_map():
 
 def test_overlay_puts_heat_where_the_map_is():
     image = grey()
-    full = overlay(image, hot_corner(), cmap="jet", alpha=1.0)
+    full = overlay(image, hot_corner(), cmap="jet", alpha=1.0, base="image")
     assert full.size == image.size
     hot, cold = np.asarray(full)[4, 4], np.asarray(full)[60, 60]
-    assert hot[0] > 100 and hot[2] < 30  # jet's top is red
-    assert cold[2] > 100 and cold[0] < 30  # jet's bottom is blue
-    # alpha = 0 leaves the image as it was; alpha in between blends.
-    assert np.array_equal(np.asarray(overlay(image, hot_corner(), alpha=0.0)), np.asarray(image))
-    half = np.asarray(overlay(image, hot_corner(), alpha=0.5)).astype(int)
+    assert hot[0] > 100 and hot[2] < 30  # jet's top is red, painted fully where the map peaks
+    assert np.array_equal(cold, [128, 128, 128])  # where the map is lowest the image shows through
+    # alpha = 0 leaves the image as it was; alpha scales the heat's opacity.
+    assert np.array_equal(np.asarray(overlay(image, hot_corner(), alpha=0.0, base="image")), np.asarray(image))
+    half = np.asarray(overlay(image, hot_corner(), cmap="jet", alpha=0.5, base="image")).astype(int)
     expected = (np.asarray(full).astype(int) + 128) / 2
     assert np.abs(half - expected).max() <= 1
     with pytest.raises(ValueError, match="alpha"):
         overlay(image, hot_corner(), alpha=2.0)
+
+
+def test_the_default_overlay_cannot_pass_a_red_object_for_heat():
+    """Before: jet blended over the image, so a red circle under a cold map still looked hot."""
+    picture = np.full((64, 64, 3), 255, np.uint8)
+    picture[40:60, 40:60] = (220, 30, 30)  # a red object where the map is cold
+    picture[4:20, 4:20] = (30, 30, 220)  # a blue one where it is hot
+    out = np.asarray(overlay(Image.fromarray(picture), hot_corner())).astype(int)
+    red_object, white = out[50, 50], out[30, 30]
+    assert red_object.max() - red_object.min() == 0 and white.max() - white.min() == 0  # plain grey, no hue
+    assert 40 <= white[0] <= 190  # neither white nor black: the heat shows against both
+    hot = out[10, 10]
+    assert hot.max() - hot.min() > 60  # only the heat has colour (inferno: orange to yellow at the peak)
+
+
+def test_the_query_marker_shows_on_white_and_on_black():
+    for colour in ("white", "black"):
+        marked = np.asarray(mark_point(Image.new("RGB", (64, 64), colour), 32, 32, radius=8)).astype(int)
+        ring = marked[32, 20:44]  # across the ring
+        assert (ring.sum(axis=1) < 60).any() and (ring.sum(axis=1) > 700).any(), colour  # black and white
+        assert np.array_equal(marked[32, 32], [255, 255, 255] if colour == "white" else [0, 0, 0])
+
+
+def test_captions_never_draw_missing_glyph_boxes():
+    font = _font(16)
+    text = drawable("a cat wearing 🕶️ in the café 中", font)
+    assert "[dark sunglasses]" in text and "\ufe0f" not in text
+    assert all(ch.isascii() or _has_glyph(font, ch) for ch in text), text
+    assert drawable("a red circle", font) == "a red circle"
+    sheet = image_grid([grey(64)], captions=["🕶️"])  # draws without error, the name under the tile
+    assert sheet.height > MIN_SIDE
 
 
 def test_colorize_uses_the_named_colormap():

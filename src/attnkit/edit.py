@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from attnkit.adapters import text_tokenizer
 from attnkit.controllers.p2p import CrossSchedule, LocalBlend, Refine, Replace, Reweight, Window
 from attnkit.engine import AttnkitError, Controller
 from attnkit.sampling import Generation, generate
@@ -118,7 +119,8 @@ def build_controllers(tokenizer: Any, prompts: Sequence[str], *, kind: EditKind 
                       cross: CrossSchedule = 0.8, self: Window = 0.4, self_res: int | float = 16,  # noqa: A002
                       blend: Sequence[str] | Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3,
                       blend_start: float = 0.0, subtract: Sequence[str] | None = None,
-                      reweight: dict[str, float] | None = None, blend_res: int | None = None) -> list[Controller]:
+                      subtract_threshold: float = 0.3, reweight: dict[str, float] | None = None,
+                      blend_res: int | None = None) -> list[Controller]:
     """The controllers of one edit, in the order they must run: Replace/Refine, Reweight, LocalBlend.
 
     Every argument is validated here, before anything touches the pipeline.
@@ -132,7 +134,7 @@ def build_controllers(tokenizer: Any, prompts: Sequence[str], *, kind: EditKind 
         controllers.append(Reweight(prompts, tokenizer, reweight, cross_steps=cross))
     if blend:
         controllers.append(LocalBlend(prompts, tokenizer, blend, threshold=blend_threshold, start=blend_start,
-                                      subtract=subtract, res=blend_res))
+                                      subtract=subtract, subtract_threshold=subtract_threshold, res=blend_res))
     elif subtract:
         raise AttnkitError("subtract words need blend words too: pass blend=[...] with subtract=[...]")
     return controllers
@@ -141,8 +143,9 @@ def build_controllers(tokenizer: Any, prompts: Sequence[str], *, kind: EditKind 
 def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0, kind: EditKind = "auto",
          cross: CrossSchedule = 0.8, self: Window = 0.4, self_res: int | float = 16,  # noqa: A002
          blend: Sequence[str] | Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3,
-         blend_start: float = 0.0, subtract: Sequence[str] | None = None, blend_res: int | None = None,
-         reweight: dict[str, float] | None = None, steps: int | None = None, guidance: float | None = None,
+         blend_start: float = 0.0, subtract: Sequence[str] | None = None, subtract_threshold: float = 0.3,
+         blend_res: int | None = None, reweight: dict[str, float] | None = None, steps: int | None = None,
+         guidance: float | None = None,
          height: int | None = None, width: int | None = None, maps: bool = True, maps_res: int | None = None,
          latents: torch.Tensor | None = None, uncond_embeddings: Any = None,
          uncond_pooled: torch.Tensor | None = None, target_uncond: TargetUncond = "pipeline",
@@ -156,10 +159,12 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
             (replace when every target has the source's word count, else refine).
         cross: cross-attention replacement: a fraction ``0.8``, a ``(start, end)`` pair, or
             ``{"default_": 0.8, "word": 0.3}`` per word of the targets (see :func:`attnkit.controllers.cross_alpha`).
-        self: self-attention replacement: a fraction or ``(start, end)``; ``self_res`` the largest grid side it
-            touches (the paper's 16; a float in (0, 1) is a fraction of the latent side).
+        self: self-attention replacement: a fraction or ``(start, end)``; ``self_res``: it touches grids of at
+            most ``self_res²`` query pixels (the paper's 16: 16x16; a float in (0, 1) is a fraction of the latent
+            side; :func:`attnkit.controllers.p2p.self_replaced`).
         blend: words whose region may change (local blend); everything else is kept from the source.
-            ``blend_threshold``, ``blend_start`` (fraction of steps), ``subtract`` words, ``blend_res`` (grid).
+            ``blend_threshold``, ``blend_start`` (fraction of steps), ``subtract`` words whose region must stay
+            (thresholded at ``subtract_threshold``), ``blend_res`` (grid).
         reweight: ``{word: factor}`` scaling the targets' attention to words (negative allowed).
         maps: store cross-attention maps of every prompt in the same pass (``maps_res``: one grid side, or
             ``None`` for all grids).
@@ -176,9 +181,10 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
         raise AttnkitError(f"target_uncond={target_uncond!r}: use 'pipeline' (the edited rows keep the "
                            "pipeline's own unconditional embedding) or 'inversion' (they share the source's)")
     prompts = [source, *target_list]
-    controllers = build_controllers(pipe.tokenizer, prompts, kind=kind, cross=cross, self=self, self_res=self_res,
+    controllers = build_controllers(text_tokenizer(pipe), prompts, kind=kind, cross=cross, self=self, self_res=self_res,
                                     blend=blend, blend_threshold=blend_threshold, blend_start=blend_start,
-                                    subtract=subtract, reweight=reweight, blend_res=blend_res)
+                                    subtract=subtract, subtract_threshold=subtract_threshold, reweight=reweight,
+                                    blend_res=blend_res)
     store = AttentionStore(kinds=("cross",), res=maps_res) if maps else None
     if store is not None:
         controllers.append(store)  # last: it records the maps as edited
@@ -198,7 +204,8 @@ def edit(pipe: Any, source: str, targets: str | Sequence[str], *, seed: int = 0,
         "kind": type(controllers[0]).__name__.lower(), "seed": seed, "steps": gen.steps, "guidance": gen.guidance,
         "height": gen.height, "width": gen.width, "cross": cross, "self": self, "self_res": self_res,
         "blend": blend, "blend_threshold": blend_threshold, "blend_start": blend_start, "subtract": subtract,
-        "blend_res": blend_res, "reweight": reweight, "inverted_latents": latents is not None,
+        "subtract_threshold": subtract_threshold, "blend_res": blend_res, "reweight": reweight,
+        "inverted_latents": latents is not None,
         "null_text": uncond_embeddings is not None,
         "target_uncond": target_uncond if uncond_embeddings is not None else None, "seconds": round(gen.seconds, 3),
     }

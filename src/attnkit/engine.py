@@ -1,55 +1,56 @@
-"""The attention-control engine: one processor layer that every attnkit method plugs into.
+"""The attention-control engine: one protocol that every attnkit method plugs into, on every model family.
 
-``control(pipe, *controllers)`` installs an :class:`AttnkitProcessor` on every attention layer of the
-pipeline's UNet, tracks the denoising step and the batch layout explicitly, and restores the exact previous
-processors on exit (also when an exception is raised inside the block)::
+``control(pipe, *controllers)`` installs attnkit processors on every attention layer of the pipeline's
+denoiser (a UNet, or an MM-DiT transformer: SD3/SD3.5, FLUX.1), tracks the denoising step and the batch layout
+explicitly, and restores the exact previous processors on exit (also when an exception is raised)::
 
     with attnkit.control(pipe, store := AttentionStore()) as ctl:
         image = pipe("a red circle", callback_on_step_end=ctl.callback).images[0]
 
-Layers that no controller needs at the current call run fused attention (SDPA), exactly as diffusers'
-``AttnProcessor2_0`` does, so an uncontrolled layer costs nothing extra. Probabilities drive the output only
-where a controller edits them (:meth:`Controller.wants_probs`); read-only controllers (:meth:`Controller.observe`)
-compute the maps they read on the side, so the output stays bit-identical to the stock processor's.
+What differs between model families lives in one adapter per family (``attnkit.adapters``: which layers exist,
+how a layer's tokens split into text and image, how diffusers computes that layer's attention). Controllers see
+one protocol everywhere: a ``"cross"`` call is image queries × text keys, a ``"self"`` call image × image. On a
+joint (MM-DiT) layer both are blocks of one softmax; see :mod:`attnkit.adapters.joint` for how reading and
+editing them maps onto the joint attention.
+
+Layers that no controller needs at the current call run the fused attention diffusers' own processor runs
+(SDPA, or diffusers' attention dispatcher where its processor uses it), so an uncontrolled layer costs nothing
+extra. Probabilities drive the output only where a controller edits them (:meth:`Controller.wants_probs`);
+read-only controllers (:meth:`Controller.observe`) compute the maps they read on the side, so the output stays
+bit-identical to the stock processor's.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
-Place = Literal["down", "mid", "up"]
+from attnkit.notices import AttnkitError  # defined without torch, so the CLI checks arguments fast
 
-# Processor classes that compute plain attention; anything else carries behaviour we would silently drop.
-_PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
-_CONFLICT_FIXES = {
-    "SlicedAttnProcessor": "attention slicing is enabled: call pipe.disable_attention_slicing() first",
-    "XFormersAttnProcessor": "xformers attention is enabled: call pipe.disable_xformers_memory_efficient_attention() first",
-    "FusedAttnProcessor2_0": "fused QKV projections are enabled: call pipe.unfuse_qkv_projections() first",
-}
-_NAME_PATTERN = re.compile(
-    r"^(?:(?P<place>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<attention>\d+)"
-    r"\.transformer_blocks\.(?P<transformer>\d+)\.attn(?P<attn>\d+)\.processor$"
-)
-
-
-class AttnkitError(ValueError):
-    """A problem with the user's input or set-up; the message names the problem and the fix."""
+Place = Literal["down", "mid", "up", "double", "single"]
+UNET_PLACES = ("down", "mid", "up")
+STREAM_PLACES = ("double", "single")
+FAMILIES = ("unet", "sd3", "flux")
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """Static facts about one attention layer of a UNet, derived from its module name.
+    """Static facts about one attention layer, derived from its module name (one entry per controller view).
 
-    ``index`` is the layer's position in forward order (down, mid, up) among all ``count`` attention layers,
-    so "layer 35 of 70" is ``index == 35``.
+    ``index`` is the layer's position in forward order among all ``count`` attention layers, so "layer 35 of
+    70" is ``index == 35``. On a UNet, ``place`` is down/mid/up and every attention module is one layer (attn1
+    self, attn2 cross). On an MM-DiT transformer (``family`` ``"sd3"`` or ``"flux"``), ``place`` is the
+    ``stream``: ``"double"`` (separate text and image weights: every SD3 block, FLUX's double blocks) or
+    ``"single"`` (FLUX's single blocks); ``block`` is the block index among ``blocks`` blocks of that stream;
+    one joint attention module is two views that share ``index`` and ``processor``: ``<module>.cross`` (image
+    queries × text keys) and ``<module>.self`` (image × image). SD3.5's second attention of a block
+    (``attn2``, image tokens only) has ``second=True``, ``attention == 1`` and a self view only.
     """
 
     name: str
@@ -61,6 +62,12 @@ class LayerInfo:
     heads: int
     index: int = 0
     count: int = 0
+    family: str = "unet"
+    stream: str | None = None
+    blocks: int = 0
+    second: bool = False
+    processor: str = ""
+    joint: bool = False
 
     @property
     def kind(self) -> Literal["self", "cross"]:
@@ -69,7 +76,7 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which rows of the UNet batch are which: ``prompts`` rows per half, unconditional half first under CFG.
+    """Which rows of the denoiser batch are which: ``prompts`` rows per half, unconditional half first under CFG.
 
     >>> Layout(prompts=2, cfg=True).cond_rows
     slice(2, 4, None)
@@ -89,7 +96,8 @@ class Layout:
     @property
     def uncond_rows(self) -> slice:
         if not self.cfg:
-            raise AttnkitError("this batch has no unconditional half (guidance is off)")
+            raise AttnkitError("this batch has no unconditional half (guidance is off, or the model runs the "
+                               "negative prompt as a separate pass, as FLUX's true CFG does)")
         return slice(0, self.prompts)
 
     def halves(self) -> list[slice]:
@@ -104,12 +112,44 @@ class Layout:
         return slice(0, self.batch)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the text and the image tokens sit in the sequence of a joint (MM-DiT) attention layer.
+
+    FLUX puts the text first (``text=slice(0, 512)``), SD3 the image first. ``TokenLayout(slice(0, 3),
+    slice(3, 7)).text_first is True``
+    """
+
+    text: slice
+    image: slice
+
+    @property
+    def length(self) -> int:
+        return max(self.text.stop, self.image.stop)
+
+    @property
+    def text_first(self) -> bool:
+        return self.text.start == 0 and self.text.stop > 0
+
+    @property
+    def text_tokens(self) -> int:
+        return self.text.stop - self.text.start
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image.stop - self.image.start
+
+
 @dataclass
 class AttentionCall:
-    """Everything a controller sees at one attention call.
+    """Everything a controller sees at one attention call (one view of a joint layer).
 
-    ``query``, ``key`` and ``value`` have shape ``(batch, heads, tokens, head_dim)``. Controllers replace them
-    by assignment (never in place). ``probs()`` materialises ``softmax(q kᵀ · scale)`` on demand.
+    ``query``, ``key`` and ``value`` have shape ``(batch, heads, tokens, head_dim)``: image queries, and text
+    keys (``"cross"``) or image keys (``"self"``). Controllers replace them by assignment (never in place).
+    ``probs()`` materialises ``softmax(q kᵀ · scale)`` on demand; on a joint layer that is the layer's own
+    block renormalised over the view's keys (the image × text block over the text columns, the image × image
+    block over the image columns). ``tokens`` (joint layers only) says where the view's tokens sit in the joint
+    sequence.
     """
 
     layer: LayerInfo
@@ -124,6 +164,7 @@ class AttentionCall:
     scale: float
     mask: torch.Tensor | None = None
     edited: torch.Tensor | None = None
+    tokens: TokenLayout | None = None
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -150,7 +191,12 @@ class Controller:
 
     Override only what you need; every default leaves the computation unchanged, so a controller that does
     nothing at a call keeps that layer on the fused path. Controllers run in the order they were given.
+    ``families`` names the model families the controller can act on (``"unet"``, ``"sd3"``, ``"flux"``);
+    :func:`control` refuses it elsewhere before sampling, with ``family_note`` as the reason.
     """
+
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    family_note: ClassVar[str] = ""
 
     def on_enter(self, ctl: Control) -> None:
         """Called once when the control block starts (reset per-run state here)."""
@@ -174,67 +220,35 @@ class Controller:
         layers no controller edits keep the fused path, the maps being computed on the side."""
 
     def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """After each denoising step: return replacements for ``tensors`` (e.g. blended ``latents``)."""
+        """After each denoising step: return replacements for ``tensors`` (e.g. blended ``latents``). Latents
+        are always an image grid ``(batch, channels, h, w)``: FLUX's packed latents are unpacked for the
+        controllers and packed again by the engine."""
         return {}
 
 
 class AttnkitProcessor:
-    """A diffusers attention processor that computes attention like ``AttnProcessor2_0`` and lets the
-    engine's controllers read or edit it. One instance per layer; it holds no tensors between calls."""
+    """Base of attnkit's diffusers attention processors (one per family in ``attnkit.adapters``): computes
+    attention as the family's stock processor does and lets the engine's controllers read or edit it. One
+    instance per layer; it holds no tensors between calls."""
 
     def __init__(self, ctl: Control, layer: LayerInfo) -> None:
         self.ctl = ctl
         self.layer = layer
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, h4, w4 = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, h4 * w4).transpose(1, 2)
-        batch_size, queries, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
-        hidden_states = self.ctl._attend(self.layer, queries, query, key, value, attention_mask, head_dim)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, h4, w4)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+def run_probability_hooks(ctl: Control, call: AttentionCall) -> torch.Tensor | None:
+    """``wants_probs``/``edit_probs`` then ``observe``, controller by controller: each sees the edits of the
+    controllers before it. Returns the call's map before the first edit (None where no controller edited), which
+    a joint layer needs to put the edit back into its one softmax. Every adapter's processor runs this."""
+    before = None
+    for c in ctl.controllers:
+        if c.wants_probs(call):
+            probs = call.probs()
+            if call.edited is None:
+                before = probs
+            call.edited = c.edit_probs(call, probs)
+        c.observe(call)
+    return before
 
 
 @dataclass
@@ -243,31 +257,43 @@ class _StepState:
     num_steps: int = 1
     latent_hw: tuple[int, int] = (0, 0)
     layout: Layout | None = None
+    grid: tuple[int, int] | None = None  # the image-token grid of a transformer call
+    text_len: int = 0  # text tokens of a transformer call
+    passthrough: bool = False  # this denoiser call runs stock attention (FLUX's negative-prompt pass)
+    last_timesteps: Any = None
+    last_step: int | None = None
 
 
 class Control:
     """The live engine of one :func:`control` block. Use :func:`control`, not this class directly."""
 
     def __init__(self, pipe: Any, controllers: Sequence[Controller], layout: Layout | None = None) -> None:
+        from attnkit.adapters import adapter_for
+
         self.pipe = pipe
-        self.unet = _unet_of(pipe)
+        self.adapter = adapter_for(pipe)
+        self.family = self.adapter.family
+        self.model = self.adapter.model
+        self.unet = self.model if self.family == "unet" else None
         self.controllers = list(controllers)
-        self.layers = describe_layers(self.unet)
+        self.layers = self.adapter.layers()
         self._fixed_layout = layout
         self._manual_step: tuple[int, int] | None = None
         self.state = _StepState()
         self._saved: dict[str, Any] | None = None
         self._hook: Any = None
+        self._entered: list[Controller] = []
+        self._signature = inspect.signature(self.model.forward)
 
     # -- explicit step and layout, for custom sampling loops -------------------------------------------
     def set_step(self, step: int, num_steps: int) -> None:
-        """Pin the step index for the following UNet calls (custom loops such as inversion)."""
+        """Pin the step index for the following denoiser calls (custom loops such as inversion)."""
         if not 0 <= step < num_steps:
             raise AttnkitError(f"step {step} is outside 0..{num_steps - 1}")
         self._manual_step = (step, num_steps)
 
     def set_layout(self, layout: Layout | None) -> None:
-        """Pin the batch layout for the following UNet calls (None: read it from the pipeline)."""
+        """Pin the batch layout for the following denoiser calls (None: read it from the pipeline)."""
         self._fixed_layout = layout
 
     @property
@@ -282,77 +308,83 @@ class Control:
     def layout(self) -> Layout | None:
         return self.state.layout
 
+    @property
+    def text_tokenizer(self) -> Any:
+        """The tokenizer whose token positions are this model's cross-attention key columns (see
+        :func:`attnkit.adapters.text_tokenizer`)."""
+        return self.adapter.text_tokenizer()
+
     # -- helpers users need with Prompt-to-Prompt-style batches -----------------------------------------
     def shared_latents(self, seed: int, batch: int, height: int | None = None, width: int | None = None,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
         """One initial noise from ``seed`` repeated for every prompt, as Prompt-to-Prompt needs."""
-        return shared_latents(self.pipe, seed, batch, height, width, dtype)
+        return self.adapter.shared_latents(seed, batch, height, width, dtype)
 
     def callback(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict:
         """Pass as ``callback_on_step_end``: lets controllers act after each step (e.g. local blend)."""
+        tensors = dict(tensors)
+        if "latents" in tensors:
+            tensors["latents"] = self.adapter.latents_to_grid(tensors["latents"], self.state)
         updates: dict[str, torch.Tensor] = {}
         for c in self.controllers:
             current = {**tensors, **updates}
             updates.update(c.on_step_end(self, step, current) or {})
+        if "latents" in updates:
+            updates["latents"] = self.adapter.grid_to_latents(updates["latents"], self.state)
         return updates
 
     # -- installation -----------------------------------------------------------------------------------
     def _install(self) -> None:
-        current = dict(self.unet.attn_processors)
-        _check_processors(current)
-        self._saved = current
-        new = {name: AttnkitProcessor(self, info) for name, info in self.layers.items()}
-        self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
-        self.unet.set_attn_processor(new)  # set_attn_processor pops from the dict it is given
+        for c in self.controllers:
+            if self.family not in c.families:
+                note = f": {c.family_note}" if c.family_note else ""
+                raise AttnkitError(f"{type(c).__name__} cannot act on this {self.adapter.description} (it works on "
+                                   f"{', '.join(c.families)} pipelines){note}")
+        self.adapter.check()
+        self._saved = dict(self.model.attn_processors)
+        new = self.adapter.processors(self)
+        self._hook = self.model.register_forward_pre_hook(self._before_model, with_kwargs=True)
+        self.model.set_attn_processor(new)  # set_attn_processor pops from the dict it is given
         for c in self.controllers:
             c.on_enter(self)
+            self._entered.append(c)
 
     def _restore(self) -> None:
         try:
-            for c in self.controllers:
+            for c in self._entered:
                 c.on_exit(self)
         finally:
+            self._entered = []
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
             if self._saved is not None:
-                self.unet.set_attn_processor(dict(self._saved))
+                self.model.set_attn_processor(dict(self._saved))
                 self._saved = None
 
-    def _before_unet(self, module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+    def _before_model(self, module: Any, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        call = self.adapter.read_call(bound)
+        state = self.state
+        state.latent_hw, state.grid, state.text_len = call.latent_hw, call.grid, call.text_len
         if self._manual_step is not None:
-            self.state.step, self.state.num_steps = self._manual_step
+            state.step, state.num_steps = self._manual_step
+            state.passthrough = False
         else:
-            self.state.step, self.state.num_steps = _step_from_timestep(self.pipe, timestep)
-        self.state.layout = self._fixed_layout or _layout_from_pipeline(self.pipe, int(sample.shape[0]))
-        if self.state.layout.batch != sample.shape[0]:
+            state.step, state.num_steps = _step_from_timestep(self.pipe, call.timestep, self.adapter.timestep_scale)
+            timesteps = self.pipe.scheduler.timesteps
+            repeat = state.last_timesteps is timesteps and state.last_step == state.step
+            state.last_timesteps, state.last_step = timesteps, state.step
+            # A second denoiser call at the same step: FLUX's true-CFG negative-prompt pass (see the adapter).
+            state.passthrough = repeat and self.adapter.repeat_is_negative_pass
+        if state.passthrough:
+            return
+        state.layout = self._fixed_layout or self.adapter.layout(call.batch)
+        if state.layout.batch != call.batch:
             raise AttnkitError(
-                f"the UNet batch has {sample.shape[0]} rows but the layout expects {self.state.layout.batch} "
-                f"({self.state.layout}); pass layout=Layout(prompts=..., cfg=...) to control()"
+                f"the {self.adapter.model_name} batch has {call.batch} rows but the layout expects "
+                f"{state.layout.batch} ({state.layout}); pass layout=Layout(prompts=..., cfg=...) to control()"
             )
-
-    # -- the attention computation ----------------------------------------------------------------------
-    def _attend(self, layer: LayerInfo, queries: int, query: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, mask: torch.Tensor | None, head_dim: int) -> torch.Tensor:
-        if not self.controllers:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        if self.state.layout is None:
-            raise AttnkitError("attention ran before the UNet step hook; call the UNet, not its layers directly")
-        height, width = _spatial_size(self.state.latent_hw, queries)
-        call = AttentionCall(layer, height, width, self.state.step, self.state.num_steps, self.state.layout,
-                             query, key, value, scale=1.0 / math.sqrt(head_dim), mask=mask)
-        for c in self.controllers:
-            c.edit_qkv(call)
-        for c in self.controllers:  # in order: a controller sees the edits of those before it
-            if c.wants_probs(call):
-                call.edited = c.edit_probs(call, call.probs())
-            c.observe(call)
-        if call.edited is None:
-            return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.mask)
-        return torch.matmul(call.edited, call.value)
 
 
 @contextmanager
@@ -364,78 +396,48 @@ def control(pipe: Any, *controllers: Controller, layout: Layout | None = None) -
         with control(pipe, AttentionStore(res=16)) as ctl:
             pipe(prompt, callback_on_step_end=ctl.callback)
 
-    ``layout`` pins the batch layout; by default it is read from the pipeline at each UNet call
-    (``pipe.do_classifier_free_guidance``: unconditional half first, then one row per prompt).
+    ``layout`` pins the batch layout; by default it is read from the pipeline at each denoiser call
+    (``pipe.do_classifier_free_guidance``: unconditional half first, then one row per prompt; FLUX: one row per
+    prompt). Works on UNet pipelines (SD1.x/2.x, SDXL), ``StableDiffusion3Pipeline`` and ``FluxPipeline``.
     """
     for c in controllers:
         if not isinstance(c, Controller):
             raise AttnkitError(f"{c!r} is not an attnkit Controller; controllers subclass attnkit.Controller")
     ctl = Control(pipe, controllers, layout)
-    ctl._install()
     try:
+        ctl._install()
         yield ctl
     finally:
         ctl._restore()
 
 
 # -- derivations from names, shapes and the pipeline -------------------------------------------------------
-def describe_layers(unet: Any) -> dict[str, LayerInfo]:
-    """``LayerInfo`` for every attention processor of ``unet``, keyed by processor name, in forward order."""
-    found = []
-    for name in unet.attn_processors:
-        m = _NAME_PATTERN.match(name)
-        if m is None:
-            raise AttnkitError(
-                f"unknown attention layer {name!r}: attnkit supports UNet2DConditionModel pipelines "
-                "(Stable Diffusion 1.x/2.x, SDXL)"
-            )
-        module = unet.get_submodule(name[: -len(".processor")])
-        place: Place = m["place"] or "mid"  # type: ignore[assignment]
-        order = ({"down": 0, "mid": 1, "up": 2}[place], int(m["block"] or 0), int(m["attention"]),
-                 int(m["transformer"]), int(m["attn"]))
-        found.append((order, name, place, module))
-    found.sort(key=lambda item: item[0])
-    layers = {}
-    for index, (order, name, place, module) in enumerate(found):
-        layers[name] = LayerInfo(name=name, place=place, block=order[1], attention=order[2],
-                                 transformer=order[3], is_cross=bool(module.is_cross_attention),
-                                 heads=int(module.heads), index=index, count=len(found))
-    return layers
+def describe_layers(model: Any) -> dict[str, LayerInfo]:
+    """``LayerInfo`` for every attention layer (view) of a UNet or MM-DiT ``model``, in forward order.
+
+    Keyed by processor name on a UNet; by view name (``transformer_blocks.3.attn.cross`` / ``.self``) on a
+    transformer. ``describe_layers(pipe.unet)``, ``describe_layers(pipe.transformer)``
+    """
+    from attnkit.adapters import adapter_for_model
+
+    return adapter_for_model(model).layers()
 
 
-def _unet_of(pipe: Any) -> Any:
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "set_attn_processor"):
-        raise AttnkitError(
-            f"{type(pipe).__name__} has no UNet with attention processors: attnkit supports "
-            "UNet2DConditionModel pipelines (Stable Diffusion 1.x/2.x, SDXL)"
-        )
-    return unet
-
-
-def _check_processors(processors: dict[str, Any]) -> None:
-    for name, proc in processors.items():
-        cls = type(proc).__name__
-        if isinstance(proc, AttnkitProcessor):
-            raise AttnkitError("attnkit.control is already active on this pipeline: pass all controllers to "
-                               "one control(pipe, c1, c2, ...) call instead of nesting blocks")
-        if cls in _PLAIN_PROCESSORS:
-            continue
-        fix = _CONFLICT_FIXES.get(cls, "reset it with pipe.unet.set_default_attn_processor()")
-        raise AttnkitError(f"layer {name} uses {cls}, which attnkit would replace and silently drop; {fix}")
-
-
-def _step_from_timestep(pipe: Any, timestep: Any) -> tuple[int, int]:
+def _step_from_timestep(pipe: Any, timestep: Any, scale: float = 1.0) -> tuple[int, int]:
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     if timesteps is None or timestep is None:
         raise AttnkitError("cannot tell the denoising step: the scheduler has no timesteps; in a custom loop "
-                           "call ctl.set_step(i, num_steps) before each UNet call")
-    t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
-    matches = (timesteps == t).nonzero()
-    if len(matches) == 0:
+                           "call ctl.set_step(i, num_steps) before each denoiser call")
+    t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, torch.float64) * scale
+    known = timesteps.to(torch.float64)
+    gaps = (known - t).abs()
+    index = int(gaps.argmin()) if len(known) else 0
+    # Exact for integer timesteps; FLUX passes t / 1000 in the model's dtype, so allow its rounding.
+    tolerance = 0.0 if scale == 1.0 else 1e-3 * max(1.0, float(t.abs()))
+    if len(known) == 0 or float(gaps[index]) > tolerance:
         raise AttnkitError(f"timestep {float(t)} is not in pipe.scheduler.timesteps; in a custom loop call "
-                           "ctl.set_step(i, num_steps) before each UNet call")
-    return int(matches[0]), len(timesteps)
+                           "ctl.set_step(i, num_steps) before each denoiser call")
+    return index, len(timesteps)
 
 
 def _layout_from_pipeline(pipe: Any, batch: int) -> Layout:
@@ -445,7 +447,7 @@ def _layout_from_pipeline(pipe: Any, batch: int) -> Layout:
         raise AttnkitError("cannot tell whether this batch uses classifier-free guidance; pass "
                            "layout=Layout(prompts=..., cfg=...) to control()") from None
     if cfg and batch % 2:
-        raise AttnkitError(f"guidance is on but the UNet batch has an odd number of rows ({batch})")
+        raise AttnkitError(f"guidance is on but the denoiser batch has an odd number of rows ({batch})")
     return Layout(prompts=batch // 2 if cfg else batch, cfg=cfg)
 
 
@@ -463,15 +465,12 @@ def shared_latents(pipe: Any, seed: int, batch: int, height: int | None = None, 
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Initial noise drawn once from ``torch.Generator("cpu").manual_seed(seed)`` and repeated ``batch`` times.
 
-    ``height``/``width`` are in pixels (default: the UNet's native size).
+    ``height``/``width`` are in pixels (default: the model's native size). The noise has the shape the
+    pipeline's ``latents=`` argument takes (FLUX: packed 2x2 patches). ``shared_latents(pipe, 8888, 2)``
     """
-    unet = _unet_of(pipe)
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    h = (height or unet.config.sample_size * scale) // scale
-    w = (width or unet.config.sample_size * scale) // scale
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, unet.config.in_channels, h, w), generator=generator, dtype=torch.float32)
-    return noise.to(device=unet.device, dtype=dtype or unet.dtype).expand(batch, -1, -1, -1).clone()
+    from attnkit.adapters import adapter_for
+
+    return adapter_for(pipe).shared_latents(seed, batch, height, width, dtype)
 
 
 @dataclass
@@ -481,12 +480,14 @@ class Selection:
     ``res`` matches the larger side of a layer's query grid (16 → 16x16 layers); ``steps`` is an int (one
     step), a float in [0, 1] (the step nearest that fraction of the schedule, e.g. ``0.6``), or a ``(start,
     end)`` pair of ints (step indices, end exclusive) or floats (fractions). ``layers`` holds forward-order
-    indices or layer names.
+    indices, layer names or (transformers) processor names. ``places`` takes UNet places (down/mid/up) and
+    transformer streams (double/single); places of one family do not restrict layers of the other, so the
+    default (all UNet places) selects every transformer layer too.
     """
 
     kinds: tuple[str, ...] = ("cross",)
     res: tuple[int, ...] | None = None
-    places: tuple[str, ...] = ("down", "mid", "up")
+    places: tuple[str, ...] = UNET_PLACES
     layers: tuple[int | str, ...] | None = None
     steps: int | float | tuple[int | float, int | float] | None = None
 
@@ -495,18 +496,27 @@ class Selection:
             if kind not in ("self", "cross"):
                 raise AttnkitError(f"unknown attention kind {kind!r}: use 'self' and/or 'cross'")
         for place in self.places:
-            if place not in ("down", "mid", "up"):
-                raise AttnkitError(f"unknown place {place!r}: use 'down', 'mid' and/or 'up'")
+            if place not in UNET_PLACES + STREAM_PLACES:
+                raise AttnkitError(f"unknown place {place!r}: use 'down', 'mid' and/or 'up' (UNet), "
+                                   "'double' and/or 'single' (transformer streams)")
 
     def matches(self, call: AttentionCall) -> bool:
         layer = call.layer
-        if layer.kind not in self.kinds or layer.place not in self.places:
+        if layer.kind not in self.kinds or not place_selected(layer.place, self.places):
             return False
         if self.res is not None and max(call.height, call.width) not in self.res:
             return False
-        if self.layers is not None and layer.index not in self.layers and layer.name not in self.layers:
+        if (self.layers is not None and layer.index not in self.layers and layer.name not in self.layers
+                and layer.processor not in self.layers):
             return False
         return step_in_window(call.step, call.num_steps, self.steps)
+
+
+def place_selected(place: str, places: Sequence[str]) -> bool:
+    """Whether a layer at ``place`` is among ``places`` (places of the other model family do not restrict)."""
+    family = UNET_PLACES if place in UNET_PLACES else STREAM_PLACES
+    named = [p for p in places if p in family]
+    return not named or place in named
 
 
 def step_in_window(step: int, num_steps: int, window: int | float | tuple | None) -> bool:

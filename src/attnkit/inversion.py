@@ -46,6 +46,7 @@ METHODS: tuple[str, ...] = ("ddim", "null-text", "negative-prompt")
 FORMAT = "attnkit-inversion"
 VERSION = 1
 REAL_IMAGE_SELF_STEPS = 0.5  # self-attention replacement of real-image edits (null-text notebook)
+REAL_IMAGE_SELF_RES = 32  # ...on grids of up to 32x32 query pixels (the notebook's 32 ** 2; generated: 16 ** 2)
 INVERSION_GUIDANCE = 7.5  # the null-text paper's guidance: the default of every inversion, whatever the model
 TENSORS_FILE, RECORD_FILE, IMAGE_FILE = "inversion.safetensors", "inversion.json", "image.png"
 
@@ -554,9 +555,13 @@ def invert(pipe: Any, image: Any, prompt: str, method: Method = "null-text", ste
 
     if method not in METHODS:
         raise AttnkitError(f"unknown inversion method {method!r}: use one of {', '.join(METHODS)}")
+    from attnkit.settings import check_steps
+    from attnkit.threads import apply_threads
+
     check_prompt(pipe, prompt)
     defaults = defaults_for(pipe)
-    steps = int(defaults.num_inference_steps if steps is None else steps)
+    steps = check_steps(defaults.num_inference_steps if steps is None else steps)
+    apply_threads()  # null-text's backward passes collapse like sampling does on a busy CPU
     guidance = float(INVERSION_GUIDANCE if guidance is None else guidance)
     if not math.isfinite(guidance) or guidance < 0:
         raise AttnkitError(f"guidance must be a finite number >= 0, got {guidance}")
@@ -613,8 +618,9 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, pas
     Inversion does): null-text's embeddings are tuned to reproduce the source, colours included, and hold
     an edit back. ``target_uncond="inversion"`` shares them with the edited rows, as the null-text notebook.
 
-    Self-attention is replaced for the first half of the steps (``self=0.5``, the null-text paper's notebook;
-    generated images use Prompt-to-Prompt's 0.4): a real image's layout needs the firmer hold.
+    Self-attention is replaced for the first half of the steps on grids of up to 32x32 query pixels
+    (``self=0.5, self_res=32``, the null-text paper's notebook; generated images use Prompt-to-Prompt's 0.4 and
+    16x16): a real image's layout needs the firmer hold.
     ``paste_unedited=True`` (needs ``blend`` words) finishes each edit by pasting the input image back outside
     its local-blend mask (:func:`attnkit.images.paste_outside`): the unedited pixels are then the user's own,
     not the autoencoder's round trip of them.
@@ -640,6 +646,7 @@ def edit_image(pipe: Any, inversion: Inversion, targets: str | list[str], *, pas
     width, height = inversion.size
     guidance = options.pop("guidance", None)
     options.setdefault("self", REAL_IMAGE_SELF_STEPS)
+    options.setdefault("self_res", REAL_IMAGE_SELF_RES)
     result = edit(pipe, inversion.prompt, targets, steps=inversion.steps, height=height, width=width,
                   guidance=inversion.guidance if guidance is None else guidance,
                   latents=inversion.start_latents.to(unet.device, unet.dtype), uncond_embeddings=uncond,

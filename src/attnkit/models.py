@@ -9,11 +9,16 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from attnkit.engine import AttnkitError
+from attnkit.notices import AttnkitError, warn
+from attnkit.threads import apply_threads
 
 DEFAULTS_FILE = "attnkit.json"
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "model"
@@ -37,6 +42,9 @@ class ModelDefaults:
     # Null-text inversion's Adam learning rate at step 0: the paper's 1e-2 for Stable Diffusion; a model may
     # need another one (the bundled model measured +13 dB over DDIM at 0.1 against +8 dB at 0.01).
     null_text_lr: float = 1e-2
+    # The words a model was trained on, where it knows only a few (the bundled model): prompts with other words
+    # get a warning naming them. None: any word (CLIP-based Stable Diffusion models).
+    vocabulary: tuple[str, ...] | None = None
 
 
 def _model_folder(pipe: Any) -> Path | None:
@@ -46,17 +54,68 @@ def _model_folder(pipe: Any) -> Path | None:
     return None
 
 
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd3": {"guidance_scale": 7.0, "num_inference_steps": 28},
+    "flux": {"guidance_scale": 3.5, "num_inference_steps": 28},
+}
+
+
 def defaults_for(pipe: Any) -> ModelDefaults:
-    """The model's defaults: its folder's ``attnkit.json`` where present, else Stable Diffusion's."""
-    unet = pipe.unet
-    side = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    base = ModelDefaults(height=side, width=side)
+    """The model's defaults: its folder's ``attnkit.json`` where present, else Stable Diffusion's.
+
+    ``vocabulary``: ``attnkit.json``'s list, else the shapes-world words for a folder written by attnkit's
+    shapes-world trainer (``attnkit train-bundled``, which leaves a ``training_info.json``), else None."""
+    from attnkit.adapters import adapter_for
+
+    adapter = adapter_for(pipe)
+    side = adapter.native_size()
+    # Without attnkit.json: the pipeline's own call defaults (SD3 7.0 / 28 steps, FLUX 3.5 / 28), else SD's.
+    family = _FAMILY_DEFAULTS.get(adapter.family, {})
+    base = ModelDefaults(height=side, width=side, **family)
     folder = _model_folder(pipe)
     if folder is not None and (folder / DEFAULTS_FILE).is_file():
         stored = json.loads((folder / DEFAULTS_FILE).read_text())
         known = {k: stored[k] for k in ModelDefaults.__dataclass_fields__ if k in stored}
+        if "vocabulary" in known:
+            known["vocabulary"] = tuple(known["vocabulary"])
+        elif (folder / "training_info.json").is_file():
+            from attnkit.bundled.scenes import VOCABULARY
+
+            known["vocabulary"] = VOCABULARY
         return ModelDefaults(**{**base.__dict__, **known})
     return base
+
+
+_PUNCTUATION = ".,;:!?\"'()[]{}"
+
+
+def unknown_words(pipe: Any, prompts: str | Sequence[str]) -> list[str]:
+    """Words of ``prompts`` outside the model's vocabulary (``defaults_for(pipe).vocabulary``), in order, each
+    once; empty for models without a fixed vocabulary. ``unknown_words(pipe, "a cat")  # ["cat"] (bundled)``"""
+    vocabulary = defaults_for(pipe).vocabulary
+    if vocabulary is None:
+        return []
+    known = {w.lower() for w in vocabulary}
+    found: dict[str, None] = {}
+    for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        for word in prompt.split():
+            bare = word.strip(_PUNCTUATION).lower()
+            if (bare or word) not in known:
+                found[bare or word] = None
+    return list(found)
+
+
+def warn_unknown_words(pipe: Any, prompts: str | Sequence[str], stacklevel: int = 4) -> list[str]:
+    """One warning naming the words the model does not know and the words it does; returns the unknown ones.
+    (``stacklevel`` 4 points the warning at the code that called :func:`attnkit.generate`.)"""
+    unknown = unknown_words(pipe, prompts)
+    if unknown:
+        vocabulary = defaults_for(pipe).vocabulary or ()
+        warn(f"the model does not know the word{'s' if len(unknown) > 1 else ''} "
+             f"{', '.join(map(repr, unknown))} and will draw what it knows instead. It knows only: "
+             f"{' '.join(vocabulary)} (e.g. 'a red circle and an outlined square on a black background')",
+             stacklevel=stacklevel)
+    return unknown
 
 
 def bundled_model_path() -> Path:
@@ -140,6 +199,7 @@ def load_pipeline(
         pipe = attnkit.load_pipeline("stabilityai/stable-diffusion-2-1-base", dtype="fp16", device="cuda")
     """
     torch_dtype = parse_dtype(dtype)
+    apply_threads()  # before the first tensor op: torch's default can be 10-60x slower on a busy CPU
     if name_or_path is not None and _is_pipeline(name_or_path):
         return _to_device(name_or_path, device, torch_dtype)
     if not isinstance(name_or_path, str | Path | None):
@@ -150,6 +210,10 @@ def load_pipeline(
 
     folder = bundled_model_path() if name_or_path is None else Path(name_or_path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": True}
+    if find_spec("accelerate") is None:
+        # what diffusers falls back to anyway, said explicitly so that it does not print five lines about it;
+        # with accelerate installed (pip install "attnkit[accelerate]") large models load faster
+        kwargs["low_cpu_mem_usage"] = False
     if torch_dtype is not None:
         kwargs["dtype" if _diffusers_takes_dtype() else "torch_dtype"] = torch_dtype
     if folder.is_dir():
@@ -168,6 +232,18 @@ def load_pipeline(
     return _to_device(pipe, device, None)  # from_pretrained applied the dtype (keeping fp32-only modules)
 
 
+@contextmanager
+def _muted(name: str) -> Iterator[None]:
+    """Only errors from the logger ``name`` during the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _from_hub(cls: Any, repo_id: str, local_files_only: bool | None, kwargs: dict[str, Any]) -> Any:
     try:
         return cls.from_pretrained(repo_id, local_files_only=local_files_only, **kwargs)
@@ -180,17 +256,56 @@ def _from_hub(cls: Any, repo_id: str, local_files_only: bool | None, kwargs: dic
         ) from error
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``["cpu"]``, plus ``"cuda"`` / ``"mps"`` where present."""
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: Any) -> str:
+    """``device`` as a string after checking that torch can use it here (``"auto"``: cuda when present, else
+    cpu); a clear error naming the devices there are otherwise. ``check_device("mps")``"""
+    import torch
+
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as error:
+        kind = str(device).split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            reason = "torch.cuda.is_available() is False: no usable NVIDIA GPU, or a CPU-only torch build"
+        elif kind == "mps":
+            reason = "torch.backends.mps.is_available() is False: MPS needs Apple silicon and macOS"
+        else:  # torch's first sentence (its messages can run to pages of dispatcher tables)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:( ")
+        choices = [repr(d) for d in [*available_devices(), "auto"]]
+        raise AttnkitError(f"device {str(device)!r} is not usable on this machine ({reason}); use "
+                           f"{', '.join(choices[:-1])} or {choices[-1]}") from None
+    return str(device)
+
+
 def _to_device(pipe: Any, device: Any, dtype: Any) -> Any:
     import torch
 
     if device is not None:
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as error:
-            raise AttnkitError(f"device {device!r} is not usable on this machine ({error}); use 'cpu' or an "
-                               "available accelerator") from error
+        check_device(device)
     if dtype is not None and getattr(pipe, "dtype", None) == dtype:
         dtype = None  # already there: casting again would only make diffusers warn
-    if device is None and dtype is None:
-        return pipe
-    return pipe.to(device=device, dtype=dtype)
+    if device is not None or dtype is not None:
+        # attnkit says it once below, in one line, where diffusers would warn once per component (and about
+        # fp32 modules of an autoencoder that has none)
+        with _muted("diffusers.models.modeling_utils"):
+            pipe = pipe.to(device=device, dtype=dtype, silence_dtype_warnings=True)
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and unet.dtype == torch.float16 and unet.device.type == "cpu":
+        warn("float16 on the CPU is slow and not supported by diffusers there: use float32 (the default) on a CPU "
+             "and float16 on a GPU (--device cuda)", stacklevel=4)  # points at the load_pipeline call
+    return pipe

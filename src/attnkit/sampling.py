@@ -18,8 +18,11 @@ from typing import Any
 
 import torch
 
+from attnkit.adapters import text_tokenizer
 from attnkit.engine import AttnkitError, Controller, control, shared_latents
-from attnkit.models import defaults_for
+from attnkit.models import defaults_for, warn_unknown_words
+from attnkit.settings import check_guidance, check_size, check_steps
+from attnkit.threads import apply_threads
 from attnkit.tokens import check_prompt_length
 
 # Tensors a controller may replace after a step: the latents (local blend) and the prompt embeddings
@@ -67,11 +70,13 @@ def vae_precision(vae: Any) -> Iterator[torch.dtype]:
     if not upcast:
         yield vae.dtype
         return
-    vae.to(torch.float32)
+    # torch's own Module.to: diffusers' ModelMixin.to warns about fp32 modules on every cast, and this pair of
+    # casts is exactly what its force_upcast asks for
+    torch.nn.Module.to(vae, torch.float32)
     try:
         yield torch.float32
     finally:
-        vae.to(torch.float16)
+        torch.nn.Module.to(vae, torch.float16)
 
 
 @torch.no_grad()
@@ -86,7 +91,8 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
             std = torch.tensor(std).view(1, -1, 1, 1).to(z)
             z = z * std / vae.config.scaling_factor + mean
         else:
-            z = z / vae.config.scaling_factor
+            # SD3 and FLUX autoencoders also shift their latents (shift_factor); SD's have none
+            z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         image = vae.decode(z, return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")
 
@@ -100,16 +106,24 @@ def generate(pipe: Any, prompts: str | list[str], *controllers: Controller, seed
 
     ``latents`` overrides the initial noise (e.g. an inverted image). Extra keyword arguments go to the
     pipeline call. Usage: ``generate(pipe, "a red circle", AttentionStore(), seed=1).images[0]``
+
+    ``None`` takes the model's own steps, guidance and size (:func:`attnkit.defaults_for`); anything else is
+    checked: steps from 1 to 1000, a finite guidance scale, sides that are positive multiples of the
+    autoencoder's factor (8). Prompts with words a small model does not know (the bundled model) get one
+    warning naming them. CPU threads follow :mod:`attnkit.threads`.
     """
     prompts = normalize_prompts(prompts)
+    text = text_tokenizer(pipe)  # the tokenizer(s) whose tokens the model attends to (SD3: CLIP + T5)
     for p in prompts:
-        check_prompt_length(pipe.tokenizer, p)
+        check_prompt_length(text, p)
     defaults = defaults_for(pipe)
-    steps = int(steps or defaults.num_inference_steps)
-    guidance = float(defaults.guidance_scale if guidance is None else guidance)
-    height, width = int(height or defaults.height), int(width or defaults.width)
-    if steps < 1:
-        raise AttnkitError(f"steps must be at least 1, got {steps}")
+    factor = max(8, int(getattr(pipe, "vae_scale_factor", 8)))  # diffusers' SD pipelines check multiples of 8
+    steps = check_steps(defaults.num_inference_steps if steps is None else steps)
+    guidance = check_guidance(defaults.guidance_scale if guidance is None else guidance)
+    height = check_size(defaults.height if height is None else height, "height", factor)
+    width = check_size(defaults.width if width is None else width, "width", factor)
+    warn_unknown_words(pipe, prompts)
+    apply_threads()
     if latents is None:
         if shared_noise:
             latents = shared_latents(pipe, seed, len(prompts), height, width)
@@ -127,7 +141,8 @@ def generate(pipe: Any, prompts: str | list[str], *controllers: Controller, seed
                        callback_on_step_end=ctl.callback, callback_on_step_end_tensor_inputs=STEP_TENSORS,
                        **pipe_kwargs)
         final = out.images
-        images = decode_latents(pipe, final)
+        # FLUX returns packed latents: the decoder takes them as the image grid of the last call
+        images = decode_latents(pipe, ctl.adapter.latents_to_grid(final, ctl.state))
     finally:
         pipe._progress_bar_config = saved_progress
     return Generation(images=images, latents=final, prompts=prompts, seed=seed, steps=steps, guidance=guidance,

@@ -2,9 +2,13 @@
 
     pipe = tiny_pipeline("sd")            # SD1.x-like: 2 resolutions, self- and cross-attention
     pipe = tiny_pipeline("sdxl")          # SDXL-like: text_embeds + time_ids conditioning, 2 text encoders
+    pipe = tiny_pipeline("sd3")           # SD3.5-like MM-DiT: CLIP-L/G + T5, joint and dual attention, q/k norms
+    pipe = tiny_pipeline("flux")          # FLUX.1-like MM-DiT: double and single stream, RoPE, guidance embedding
 
-The tokenizer is a real byte-level BPE ``CLIPTokenizer`` built locally: every text tokenizes (unknown words
-split into byte tokens), and the words in :data:`TEST_WORDS` are single tokens.
+The CLIP tokenizer is a real byte-level BPE ``CLIPTokenizer`` built locally: every text tokenizes (unknown
+words split into byte tokens), and the words in :data:`TEST_WORDS` are single tokens. The T5 tokenizer is a
+real sentencepiece-style (Unigram) ``T5Tokenizer`` built locally the same way (:func:`build_t5_tokenizer`).
+Transformer pipelines sample at 32x32 pixels by default (an 8x8 grid of image tokens).
 """
 
 from __future__ import annotations
@@ -70,8 +74,38 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77, keep_
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", seed: int = 0, cross_attention_dim: int = 32) -> Any:
-    """A random tiny Stable Diffusion (``"sd"``) or SDXL (``"sdxl"``) pipeline on the CPU in float32."""
+def build_t5_tokenizer(words: Iterable[str], model_max_length: int = 512, keep_split: Iterable[str] = ()) -> Any:
+    """A sentencepiece-style (Unigram) ``T5Tokenizer`` in which each of ``words`` is one token ``▁word``.
+
+    Other text falls back to single characters (letters, digits, punctuation); words in ``keep_split`` are two
+    tokens (``▁sun`` + ``glasses``). Ids: 0 pad, 1 ``</s>``, 2 unk, as in T5.
+    ``tokenizer = build_t5_tokenizer(["red", "circle"], model_max_length=32)``
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    split = set(keep_split)
+    for word in dict.fromkeys(w.lower() for w in words):
+        if word in split and len(word) >= 4:
+            half = len(word) // 2
+            pieces.setdefault("\u2581" + word[:half], -1.0)
+            pieces.setdefault(word[half:], -1.0)
+        else:
+            pieces.setdefault("\u2581" + word, -1.0)
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault(c, -5.0)
+        pieces.setdefault("\u2581" + c, -5.0)
+    return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_pipeline(kind: Literal["sd", "sdxl", "sd3", "flux"] = "sd", seed: int = 0,
+                  cross_attention_dim: int = 32) -> Any:
+    """A random tiny Stable Diffusion (``"sd"``), SDXL (``"sdxl"``), SD3.5 (``"sd3"``) or FLUX.1 (``"flux"``)
+    pipeline on the CPU in float32."""
+    if kind in ("sd3", "flux"):
+        return _tiny_transformer_pipeline(kind, seed, cross_attention_dim)
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -118,6 +152,73 @@ def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", seed: int = 0, cross_atten
                                          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
                                          scheduler=scheduler, force_zeros_for_empty_prompt=False)
     else:
-        raise ValueError(f"unknown kind {kind!r}: use 'sd' or 'sdxl'")
+        raise ValueError(f"unknown kind {kind!r}: use 'sd', 'sdxl', 'sd3' or 'flux'")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_transformer_pipeline(kind: str, seed: int, width: int) -> Any:
+    """SD3.5-like (3 blocks: dual attention in block 0, RMS q/k norms, the last block context-pre-only) or
+    FLUX.1-like (2 double + 2 single blocks, RoPE axes summing to the head size, guidance embedding)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer(TEST_WORDS, keep_split=["sunglasses"])
+    # Shift/scale as the real VAEs of SD3 and FLUX.1 have them.
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    clip_config = dict(bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+                       pad_token_id=clip_tokenizer.pad_token_id, hidden_size=width, intermediate_size=2 * width,
+                       num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_tokenizer),
+                       max_position_embeddings=77, projection_dim=width)
+    if kind == "sd3":
+        t5_tokenizer = build_t5_tokenizer(TEST_WORDS, model_max_length=256, keep_split=["sunglasses"])
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=2 * width, d_ff=4 * width, d_kv=16,
+                                     num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=2 * width, caption_projection_dim=16,
+            pooled_projection_dim=2 * width, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)), tokenizer=clip_tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)), tokenizer_2=clip_tokenizer,
+            text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    else:
+        t5_tokenizer = build_t5_tokenizer(TEST_WORDS, model_max_length=512, keep_split=["sunglasses"])
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=width, d_ff=2 * width, d_kv=8,
+                                     num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                            text_encoder=CLIPTextModel(CLIPTextConfig(**clip_config)), tokenizer=clip_tokenizer,
+                            text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    # 32x32 pixels by default: latents 16x16 (VAE factor 2), an 8x8 grid of image tokens (2x2 patches).
+    pipe.default_sample_size = 16
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them: T5's dropout would make sampling random
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,12 +3,17 @@
     spans = word_spans(pipe.tokenizer, "a lemon cake")      # [WordSpan("a", [1]), WordSpan("lemon", [2]), ...]
     word_token_indices(pipe.tokenizer, "a lemon cake", "cake")  # [3]
 
-Positions count the start-of-text token as 0, so they index the text encoder's output (and the columns of
-cross-attention maps) directly. Words are the prompt's space-separated words, as in Prompt-to-Prompt.
+Positions are key columns of the cross-attention maps: with CLIP, the start-of-text token is 0; with T5
+(sentencepiece, no start token) the first word starts at 0. Models whose text keys join several encoders
+(SD3: 77 CLIP columns, then the T5 columns) take a :class:`SegmentedTokenizer`
+(``attnkit.text_tokenizer(pipe)`` builds the right one); every function here accepts either, and a word's
+positions are then its tokens in every segment. Words are the prompt's space-separated words, as in
+Prompt-to-Prompt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,46 +29,131 @@ class WordSpan:
     tokens: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """``length`` key columns numbered by ``tokenizer`` (None: columns no tokenizer names, e.g. SD3's zero
+    T5 embeddings when the pipeline has no T5 encoder)."""
+
+    tokenizer: Any
+    length: int
+
+
+class SegmentedTokenizer:
+    """Text key columns made of consecutive segments, each numbered by its own tokenizer.
+
+    ``SegmentedTokenizer([Segment(clip, 77), Segment(t5, 256)], "SD3")`` numbers SD3's 333 text columns:
+    ``word_token_indices(tok, "a red cat", "red")`` gives the CLIP position (2) and the T5 one (77 + 1).
+    ``model_max_length`` is the total column count.
+    """
+
+    def __init__(self, segments: Sequence[Segment], name: str = "") -> None:
+        self.segments = tuple(segments)
+        self.name = name
+        if not any(s.tokenizer is not None for s in self.segments):
+            raise AttnkitError(f"the {name or 'model'}'s text columns have no tokenizer to number them")
+
+    @property
+    def model_max_length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def parts(self) -> list[tuple[Any, int, int]]:
+        """``(tokenizer, first column, length)`` per segment."""
+        out, offset = [], 0
+        for s in self.segments:
+            out.append((s.tokenizer, offset, s.length))
+            offset += s.length
+        return out
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{type(s.tokenizer).__name__}x{s.length}" for s in self.segments)
+        return f"SegmentedTokenizer({self.name}: {inner})"
+
+
+def _parts(tokenizer: Any) -> list[tuple[Any, int, int]]:
+    if isinstance(tokenizer, SegmentedTokenizer):
+        return tokenizer.parts()
+    return [(tokenizer, 0, int(tokenizer.model_max_length))]
+
+
+def _named_parts(tokenizer: Any) -> list[tuple[Any, int, int]]:
+    return [p for p in _parts(tokenizer) if p[0] is not None]
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def _specials(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens a tokenizer puts before and after the text: CLIP (1, 1), T5 (0, 1)."""
+    inner = _encode(tokenizer, "a")
+    full = list(tokenizer("a").input_ids)
+    for start in range(len(full) - len(inner) + 1):
+        if full[start:start + len(inner)] == inner:
+            return start, len(full) - start - len(inner)
+    return 0, len(full) - len(inner)
+
+
 def token_limit(tokenizer: Any) -> int:
-    """How many tokens a prompt may have, start and end tokens included."""
+    """How many tokens (key columns) a prompt may have, start and end tokens included."""
     return int(tokenizer.model_max_length)
 
 
 def check_prompt_length(tokenizer: Any, prompt: str) -> int:
-    """Raise a clear error when ``prompt`` would be truncated; return its token count (with start/end)."""
-    count = len(_encode(tokenizer, prompt)) + 2
-    limit = token_limit(tokenizer)
-    if count > limit:
-        raise AttnkitError(
-            f"prompt is {count} tokens long but the model reads at most {limit} (start/end included), so its "
-            f"end would be silently cut off: shorten it ({prompt!r})"
-        )
-    return count
+    """Raise a clear error when ``prompt`` would be truncated; return its token count (with start/end) in the
+    first tokenizer."""
+    counts = []
+    parts = _named_parts(tokenizer)
+    for tok, _, limit in parts:
+        prefix, suffix = _specials(tok)
+        count = len(_encode(tok, prompt)) + prefix + suffix
+        if count > limit:
+            where = f" in its {type(tok).__name__} part" if len(_parts(tokenizer)) > 1 else ""
+            raise AttnkitError(
+                f"prompt is {count} tokens long but the model reads at most {limit}{where} (start/end included), "
+                f"so its end would be silently cut off: shorten it ({prompt!r})"
+            )
+        counts.append(count)
+    return counts[0]
 
 
-def word_spans(tokenizer: Any, prompt: str) -> list[WordSpan]:
-    """Token positions of every space-separated word of ``prompt`` (a word may span several tokens)."""
-    check_prompt_length(tokenizer, prompt)
+def _segment_spans(tokenizer: Any, prompt: str, offset: int) -> list[WordSpan]:
+    prefix, _ = _specials(tokenizer)
     spans = []
-    position = 1  # 0 is the start-of-text token
+    position = prefix
     for i, word in enumerate(prompt.split()):
         n = len(_encode(tokenizer, word))
-        spans.append(WordSpan(word, i, tuple(range(position, position + n))))
+        spans.append(WordSpan(word, i, tuple(range(offset + position, offset + position + n))))
         position += n
-    if position - 1 != len(_encode(tokenizer, prompt)):
+    if position - prefix != len(_encode(tokenizer, prompt)):
         raise AttnkitError(f"the tokenizer splits {prompt!r} differently word by word than as a whole; "
                            "separate punctuation from words with spaces")
     return spans
 
 
+def word_spans(tokenizer: Any, prompt: str) -> list[WordSpan]:
+    """Token positions of every space-separated word of ``prompt`` (a word may span several tokens; with a
+    :class:`SegmentedTokenizer`, its tokens in every segment)."""
+    check_prompt_length(tokenizer, prompt)
+    per_part = [_segment_spans(tok, prompt, offset) for tok, offset, _ in _named_parts(tokenizer)]
+    return [WordSpan(spans[0].word, spans[0].position, tuple(t for s in spans for t in s.tokens))
+            for spans in zip(*per_part, strict=True)]
+
+
 def token_strings(tokenizer: Any, prompt: str) -> list[str]:
-    """The prompt's tokens as strings, start and end tokens included (labels for per-token maps)."""
+    """The prompt's tokens as strings, start and end tokens included (labels for per-token maps). With a
+    :class:`SegmentedTokenizer`: one label per key column (``""`` for padding and unnamed columns)."""
+    if not isinstance(tokenizer, SegmentedTokenizer):
+        return _strings(tokenizer, prompt)
+    labels: list[str] = []
+    for tok, _, length in tokenizer.parts():
+        strings = [] if tok is None else _strings(tok, prompt)[:length]
+        labels += strings + [""] * (length - len(strings))
+    return labels
+
+
+def _strings(tokenizer: Any, prompt: str) -> list[str]:
     ids = tokenizer(prompt).input_ids
-    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(ids)]
+    return [t.replace("</w>", "").replace("\u2581", "") for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def word_token_indices(tokenizer: Any, prompt: str, word: str | int) -> list[int]:
@@ -91,11 +181,6 @@ def word_token_indices(tokenizer: Any, prompt: str, word: str | int) -> list[int
 # key count of the cross-attention layers.
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    check_prompt_length(tokenizer, prompt)
-    return list(tokenizer(prompt).input_ids)  # start and end tokens included, no padding
-
-
 def swap_mapper(tokenizer: Any, source: str, target: str) -> Any:
     """The word-swap mapper ``M`` (``(L, L)``, L = the token limit): ``target_map = source_map @ M``.
 
@@ -120,21 +205,34 @@ def swap_mapper(tokenizer: Any, source: str, target: str) -> Any:
             f"and {target!r} has {len(target_words)}; use a refinement (Refine / kind='refine') to add or "
             "remove words"
         )
+    check_prompt_length(tokenizer, source)
+    check_prompt_length(tokenizer, target)
     limit = token_limit(tokenizer)
     mapper = torch.zeros(limit, limit)
-    mapper[0, 0] = 1.0  # start-of-text
-    for s, t in zip(word_spans(tokenizer, source), word_spans(tokenizer, target), strict=True):
+    for tok, offset, length in _parts(tokenizer):  # one block per segment of the key columns
+        block = mapper[offset:offset + length, offset:offset + length]
+        if tok is None:
+            block.copy_(torch.eye(length))
+        else:
+            _swap_block(block, tok, source, target, length)
+    return mapper
+
+
+def _swap_block(mapper: Any, tokenizer: Any, source: str, target: str, limit: int) -> None:
+    prefix, _ = _specials(tokenizer)
+    for k in range(prefix):
+        mapper[k, k] = 1.0  # start-of-text
+    for s, t in zip(_segment_spans(tokenizer, source, 0), _segment_spans(tokenizer, target, 0), strict=True):
         if len(s.tokens) == len(t.tokens):
             for i, j in zip(s.tokens, t.tokens, strict=True):
                 mapper[i, j] = 1.0
         else:
             for j in t.tokens:
                 mapper[list(s.tokens), j] = 1.0 / len(t.tokens)
-    i, j = len(_prompt_ids(tokenizer, source)) - 1, len(_prompt_ids(tokenizer, target)) - 1
+    i, j = prefix + len(_encode(tokenizer, source)), prefix + len(_encode(tokenizer, target))
     while i < limit and j < limit:  # end-of-text, then padding, shifted together
         mapper[i, j] = 1.0
         i, j = i + 1, j + 1
-    return mapper
 
 
 def needleman_wunsch(x: list[int], y: list[int], gap: int = 0, match: int = 1,
@@ -185,14 +283,16 @@ def refine_mapper(tokenizer: Any, source: str, target: str) -> tuple[Any, Any]:
     """
     import torch
 
-    x, y = _prompt_ids(tokenizer, source), _prompt_ids(tokenizer, target)
+    check_prompt_length(tokenizer, source)
+    check_prompt_length(tokenizer, target)
     limit = token_limit(tokenizer)
-    aligned = needleman_wunsch(x, y)
     index = torch.arange(limit)
     alpha = torch.ones(limit)
-    for j, i in enumerate(aligned):
-        index[j] = max(i, 0)
-        alpha[j] = float(i >= 0)
+    for tok, offset, length in _named_parts(tokenizer):  # each segment aligned on its own
+        x, y = list(tok(source).input_ids), list(tok(target).input_ids)
+        for j, i in enumerate(needleman_wunsch(x, y)[:length]):
+            index[offset + j] = offset + max(i, 0)
+            alpha[offset + j] = float(i >= 0)
     return index, alpha
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit import AttnkitError, generate
+from attnkit import AttnkitError, Controller, generate
 from attnkit.controllers import LocalBlend, Refine, Replace, Reweight
 from attnkit.engine import AttentionCall, describe_layers
 from attnkit.store import AttentionStore
@@ -176,7 +176,7 @@ def oracle_run(pipe, prompts, *, edit="replace", cross=0.8, self_steps=0.4, self
             if blend and side == blend_side:
                 blend_sums[name] = blend_sums.get(name, 0) + torch.einsum("bqk,bk->bq", mean, add_sel.to(mean))
                 sub_sums[name] = sub_sums.get(name, 0) + torch.einsum("bqk,bk->bq", mean, sub_sel.to(mean))
-        elif s0 <= step < s1 and side <= self_res:
+        elif s0 <= step < s1 and probs.shape[2] <= self_res ** 2:  # the official test: query pixels
             cond[1:] = cond[0]
         return torch.cat([probs[:P], cond])
 
@@ -386,3 +386,40 @@ def test_standalone_reweight_scales_the_targets_own_map(pipe):
     m, ref = store.layer_maps("cross")[first], plain.layer_maps("cross")[first]
     torch.testing.assert_close(m[1][..., 2], 3.0 * ref[1][..., 2], **TOL)
     torch.testing.assert_close(m[1][..., 3:], ref[1][..., 3:], **TOL)
+
+
+# -- which self-attention layers are replaced: the official code counts query pixels ---------------------------
+def test_self_replacement_counts_query_pixels_like_the_official_code():
+    from attnkit.controllers.p2p import self_replaced
+
+    assert self_replaced(16, 16, 16, (64, 64)) and not self_replaced(32, 32, 16, (64, 64))  # square: side
+    assert self_replaced(20, 12, 16, (40, 24))  # 240 pixels <= 256: replaced (the larger side, 20, is not <= 16)
+    assert self_replaced(32, 8, 16, (32, 8))  # 256 pixels, exactly the official limit
+    assert not self_replaced(18, 16, 16, (36, 32))  # 288 pixels
+    assert self_replaced(32, 32, 32, (128, 128)) and self_replaced(16, 16, 0.25, (64, 64))
+
+
+class SelfCopies(Controller):
+    """Records, per self-attention grid, whether the edited row attended exactly like the source row."""
+
+    def __init__(self):
+        self.copied = {}
+
+    def observe(self, call):
+        if not call.is_cross and call.step == 0:
+            probs = call.probs(call.layout.cond_rows)
+            self.copied[(call.height, call.width)] = bool(torch.equal(probs[0], probs[1]))
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((40, 24), {(20, 12): True, (10, 6): True}),  # a 20x12 grid has 240 query pixels: replaced at self_res 16
+    ((48, 16), {(24, 8): True, (12, 4): True}),  # 192 pixels: replaced (side 24)
+    ((40, 32), {(20, 16): False, (10, 8): True}),  # 320 pixels: not replaced
+])
+def test_self_replacement_on_non_square_grids(size, expected):
+    pipe = tiny_pipeline("sd")
+    prompts = ["a red circle", "a blue circle"]
+    probe = SelfCopies()
+    generate(pipe, prompts, Replace(prompts, pipe.tokenizer, cross_steps=0.8, self_steps=0.5, self_res=16), probe,
+             seed=SEED, steps=2, height=size[0], width=size[1], progress=False)
+    assert probe.copied == expected

@@ -105,11 +105,21 @@ def _check_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
 
 
 def _resolve_self_res(self_res: int | float, latent_hw: tuple[int, int]) -> float:
-    """The largest query-grid side that self-replacement touches: an int is a side in attention pixels
-    (the paper's 16 → grids up to 16x16), a float in (0, 1) a fraction of the latent side."""
+    """The side of the largest square query grid that self-replacement touches: an int is a side in attention
+    pixels (the paper's 16 → grids of up to 16x16 = 256 pixels), a float in (0, 1) a fraction of the latent
+    side."""
     if isinstance(self_res, float) and 0 < self_res < 1:
         return self_res * max(latent_hw)
     return float(self_res)
+
+
+def self_replaced(height: int, width: int, self_res: int | float, latent_hw: tuple[int, int]) -> bool:
+    """Whether self-attention replacement touches a ``height x width`` query grid: when it has at most
+    ``self_res²`` query pixels, the official code's test (``attn.shape[2] <= 16 ** 2``). On square grids that is
+    "side <= self_res"; on others it counts pixels, so a 20x12 grid (240) is replaced at 16 and a 17x16 one
+    (272) is not. ``self_replaced(20, 12, 16, (64, 64))  # True``"""
+    limit = _resolve_self_res(self_res, latent_hw)
+    return height * width <= limit * limit
 
 
 # -- word swap and refinement -------------------------------------------------------------------------------
@@ -149,8 +159,7 @@ class _AttentionEdit(Controller):
         start, end = self_window(self.self_steps, call.num_steps)
         if not start <= call.step < end:
             return False
-        limit = _resolve_self_res(self.self_res, self._ctl.state.latent_hw)
-        return max(call.height, call.width) <= limit
+        return self_replaced(call.height, call.width, self.self_res, self._ctl.state.latent_hw)
 
     # per target: "copy" (the source's map, fused), "mix" (explicit probabilities) or None (untouched)
     def _cross_plan(self, call: AttentionCall) -> list[str | None]:
@@ -222,8 +231,9 @@ class Replace(_AttentionEdit):
 
     Cross-attention of target ``i`` at step ``t``: ``α_t ⊙ (M_src @ mapper_i) + (1 − α_t) ⊙ M_i`` with
     ``α_t`` per target token from ``cross_steps`` (see :func:`cross_alpha`); self-attention: the source's map
-    on layers whose grid side is ``<= self_res`` (paper: 16, i.e. ≤ 16x16 pixels; a float in (0, 1) is a
-    fraction of the latent side — SDXL at 1024 px needs ``32`` or ``0.25`` to replace anything) during
+    on layers with at most ``self_res²`` query pixels (paper: 16, i.e. ≤ 256 pixels, see :func:`self_replaced`;
+    a float in (0, 1) is a fraction of the latent side — SDXL at 1024 px needs ``32`` or ``0.25`` to replace
+    anything; real-image edits default to 32, the null-text notebook's) during
     ``self_steps`` (see :func:`self_window`). Every target needs the source's word count; swapped words may
     have different token counts (:func:`attnkit.tokens.swap_mapper`, which documents how the tail of the
     mapper differs from the official code).

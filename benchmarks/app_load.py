@@ -1,0 +1,113 @@
+"""Load on the web app: concurrent API clients, each sending Maps requests, on the bundled model.
+
+    python benchmarks/app_load.py            # 2 rounds of 8 clients x 3 requests, the model's own steps
+    python benchmarks/app_load.py --quick    # the same at 5 steps (under 5 minutes)
+
+The app runs in this process on 127.0.0.1 (its one queue serialises the pipeline); every client is a
+gradio_client.Client in its own thread. A request is answered correctly when its word list is the prompt's
+words and its record.json names its own prompt and seed. Prints a table and one JSON line: requests, answered,
+correct, lost, seconds, rss_mb_before (after one warm-up request), rss_mb_after (after each round),
+rss_growth_first_round_mb and rss_growth_later_rounds_mb (memory is flat when the later rounds add ~0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+PROMPTS = ["a red circle on a white background", "a blue square on a black background",
+           "a green triangle on a grey background", "a yellow diamond on a white background"]
+PLACES = ["down", "mid", "up"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="load rounds; memory is flat when later ones add ~0")
+    args = parser.parse_args()
+    steps = args.steps or (5 if args.quick else 25)
+    torch.set_num_threads(1)
+    from gradio_client import Client
+
+    from attnkit.app.server import build_app, launch
+    from attnkit.runs import RunContext, load_model
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo, ws = build_app(load_model(None), Path(tempfile.mkdtemp()), RunContext())
+    launch(demo, ws, port=port, block=False, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    process = psutil.Process()
+    Client(url, verbose=False).predict(PROMPTS[0], 0, steps, 2.5, "16", PLACES, 0, 1, api_name="/maps")  # warm-up
+    rss_before = process.memory_info().rss / 2**20
+    rounds = []
+    for round_index in range(args.rounds):
+        outcomes, seconds = load_round(url, args.clients, args.requests, steps, seed_base=1000 * round_index)
+        rounds.append((outcomes, seconds, process.memory_info().rss / 2**20))
+    demo.close()
+    total = args.clients * args.requests
+    print(f"{args.clients} clients x {args.requests} Maps requests per round, {args.rounds} rounds, bundled model, "
+          f"{steps} steps, one thread; server RSS after one warm-up request: {rss_before:.0f} MB\n")
+    print("| round | requests | answered | correct | lost | seconds | median latency s | max latency s | server RSS "
+          "MB after |\n|---|---|---|---|---|---|---|---|---|")
+    for k, (outcomes, seconds, rss) in enumerate(rounds, start=1):
+        latencies = sorted(s for *_, s in outcomes)
+        print(f"| {k} | {total} | {len(outcomes)} | {sum(ok for *_, ok, _ in outcomes)} | {total - len(outcomes)} | "
+              f"{seconds:.1f} | {latencies[len(latencies) // 2]:.1f} | {latencies[-1]:.1f} | {rss:.0f} |")
+    answered = sum(len(o) for o, _, _ in rounds)
+    # "Flat": what the server keeps growing by once it has served a first round (caches, allocator pools and
+    # lazily built parts settle in the first one).
+    print(json.dumps({"requests": total * args.rounds, "answered": answered,
+                      "correct": sum(ok for o, _, _ in rounds for *_, ok, _ in o),
+                      "lost": total * args.rounds - answered, "seconds": round(sum(s for _, s, _ in rounds), 1),
+                      "rss_mb_before": round(rss_before), "rss_mb_after": [round(r) for *_, r in rounds],
+                      "rss_growth_first_round_mb": round(rounds[0][2] - rss_before),
+                      "rss_growth_later_rounds_mb": round(rounds[-1][2] - rounds[0][2])}))
+
+
+def load_round(url: str, clients: int, requests: int, steps: int, seed_base: int
+               ) -> tuple[list[tuple[int, int, bool, float]], float]:
+    """``clients`` concurrent API clients, ``requests`` Maps requests each; per request (client, index, answered
+    correctly, seconds), and the round's wall time."""
+    from gradio_client import Client
+
+    outcomes: list[tuple[int, int, bool, float]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        api = Client(url, verbose=False)
+        for r in range(requests):
+            prompt, seed = PROMPTS[(index + r) % len(PROMPTS)], seed_base + index * 100 + r
+            start = time.perf_counter()
+            try:
+                _, words, files, _ = api.predict(prompt, seed, steps, 2.5, "16", PLACES, 0, 1, api_name="/maps")
+                record = json.loads(Path(next(f for f in files if f.endswith("record.json"))).read_text())
+                ok = ([w["caption"] for w in words] == list(dict.fromkeys(prompt.split()))
+                      and record["prompt"] == prompt and record["seed"] == seed)
+            except Exception:  # noqa: BLE001 - a failed request counts as answered wrongly
+                ok = False
+            with lock:
+                outcomes.append((index, r, ok, time.perf_counter() - start))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes, time.perf_counter() - start
+
+if __name__ == "__main__":
+    main()
