@@ -3,8 +3,8 @@
     python benchmarks/app_load.py            # 2 rounds of 8 clients x 3 requests, the model's own steps
     python benchmarks/app_load.py --quick    # the same at 5 steps (under 5 minutes)
 
-The app runs in this process on 127.0.0.1 (its one queue serialises the pipeline); every client is a
-gradio_client.Client in its own thread. A request is answered correctly when its word list is the prompt's
+The app runs as its own process (``attnkit app`` on 127.0.0.1; its one queue serialises the pipeline) and only
+its memory is measured; every client is a gradio_client.Client in its own thread of this process. A request is answered correctly when its word list is the prompt's
 words and its record.json names its own prompt and seed. Prints a table and one JSON line: requests, answered,
 correct, lost, seconds, rss_mb_before (after one warm-up request), rss_mb_after (after each round),
 rss_growth_first_round_mb and rss_growth_later_rounds_mb (memory is flat when the later rounds add ~0).
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import torch
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background",
            "a green triangle on a grey background", "a yellow diamond on a white background"]
@@ -37,26 +39,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="load rounds; memory is flat when later ones add ~0")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 25)
-    torch.set_num_threads(1)
     from gradio_client import Client
-
-    from attnkit.app.server import build_app, launch
-    from attnkit.runs import RunContext, load_model
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    demo, ws = build_app(load_model(None), Path(tempfile.mkdtemp()), RunContext())
-    launch(demo, ws, port=port, block=False, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    process = psutil.Process()
-    Client(url, verbose=False).predict(PROMPTS[0], 0, steps, 2.5, "16", PLACES, 0, 1, api_name="/maps")  # warm-up
-    rss_before = process.memory_info().rss / 2**20
-    rounds = []
-    for round_index in range(args.rounds):
-        outcomes, seconds = load_round(url, args.clients, args.requests, steps, seed_base=1000 * round_index)
-        rounds.append((outcomes, seconds, process.memory_info().rss / 2**20))
-    demo.close()
+    # The server is its own process, started as a user starts it, so its memory is the server's alone (the
+    # clients, each with its threads and connections, stay in this process).
+    out = tempfile.mkdtemp()
+    server = subprocess.Popen([sys.executable, "-m", "attnkit", "app", "--port", str(port), "--out", out,
+                               "--threads", "1", "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_port(port, server)
+        url = f"http://127.0.0.1:{port}/"
+        process = psutil.Process(server.pid)
+        Client(url, verbose=False).predict(PROMPTS[0], 0, steps, 2.5, "16", PLACES, 0, 1, api_name="/maps")
+        rss_before = process.memory_info().rss / 2**20
+        rounds = []
+        for round_index in range(args.rounds):
+            outcomes, seconds = load_round(url, args.clients, args.requests, steps, seed_base=1000 * round_index)
+            rounds.append((outcomes, seconds, process.memory_info().rss / 2**20))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     total = args.clients * args.requests
     print(f"{args.clients} clients x {args.requests} Maps requests per round, {args.rounds} rounds, bundled model, "
           f"{steps} steps, one thread; server RSS after one warm-up request: {rss_before:.0f} MB\n")
@@ -75,6 +81,18 @@ def main() -> None:
                       "rss_mb_before": round(rss_before), "rss_mb_after": [round(r) for *_, r in rounds],
                       "rss_growth_first_round_mb": round(rounds[0][2] - rss_before),
                       "rss_growth_later_rounds_mb": round(rounds[-1][2] - rounds[0][2])}))
+
+
+def _wait_for_port(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"attnkit app exited ({server.returncode}): {server.stderr.read()[-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"attnkit app did not listen on port {port} within {timeout:.0f} s")
 
 
 def load_round(url: str, clients: int, requests: int, steps: int, seed_base: int
