@@ -274,11 +274,3 @@ def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_ru
     with pytest.raises(gr.Error, match="swap_guidance"):
         wrapped(ws, None, None, "a red circle", None, "a blue square", "", 1.67, 0.5, True, 1, 0)
 
-
-def test_a_deleted_session_leaves_nothing_behind_in_the_workspace(ws):
-    session = Session()
-    ws.cancel(session)
-    assert session.id in ws.flags
-    ws.forget(session)
-    ws.forget(None)  # gradio may hand the callback an empty state
-    assert session.id not in ws.flags

@@ -18,9 +18,6 @@ HEADER = ("# attnkit\nAttention maps and attention control for diffusers pipelin
           "with the `attnkit` command that makes it again.")
 
 
-SESSION_TTL_S = 3600  # seconds a session's state (last maps, its inversion) is kept after its last update
-
-
 def build_app(pipe: Any, out: Path, ctx: RunContext) -> tuple[Any, Workspace]:
     """The gradio Blocks app and its :class:`Workspace` for ``pipe``; outputs go under ``out``."""
     import gradio as gr
@@ -31,9 +28,7 @@ def build_app(pipe: Any, out: Path, ctx: RunContext) -> tuple[Any, Workspace]:
     ws = Workspace(pipe, out, ctx)
     with gr.Blocks(title="attnkit") as demo:
         gr.Markdown(HEADER.format(model=ctx.model or "the bundled shapes-world model"))
-        # A callable: every browser session gets its own Session (and folder). Gradio drops a browser's state when
-        # its tab closes; an API client never closes, so its state also goes after an idle hour.
-        state = gr.State(Session, time_to_live=SESSION_TTL_S, delete_callback=ws.forget)
+        state = gr.State(Session)  # a callable: every browser session gets its own Session (and folder)
         with gr.Tabs():
             for tab in TABS:
                 with gr.Tab(tab.TITLE, elem_id=f"tab-{tab.TITLE.lower().replace(' ', '-')}"):

@@ -102,11 +102,6 @@ class Workspace:
     def cancel(self, session: Session) -> None:
         self.flags.setdefault(session.id, threading.Event()).set()
 
-    def forget(self, session: Session | None) -> None:
-        """Drop what the workspace keeps for a session whose state gradio deleted (its files stay on disk)."""
-        if isinstance(session, Session):
-            self.flags.pop(session.id, None)
-
 
 def files_of(folder: Path, record: dict[str, Any]) -> list[str]:
     """The run's downloadable files (its PNGs and record.json), as paths."""
