@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from attnkit.engine import AttnkitError, Control, LayerInfo, Layout, _layout_from_pipeline
+from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, Layout, _layout_from_pipeline
 
 # diffusers hooks that skip or replay attention: a controlled layer would silently not run under them.
 # Matched against hook names: FirstBlockCache ("fbc_..."), FasterCache, MagCache, TaylorSeer, SeaCache, text K/V
@@ -99,6 +99,19 @@ class Adapter:
     def text_tokenizer(self, max_sequence_length: int | None = None) -> Any:
         """The tokenizer (or segmented tokenizer) whose positions are the cross-attention key columns."""
         return getattr(self.pipe, "tokenizer", None)
+
+
+def check_processor(name: str, proc: Any, plain: tuple[str, ...], fixes: dict[str, str], reset: str) -> None:
+    """Refuse a diffusers processor that attnkit would replace and so silently drop (``plain``: the classes that
+    compute plain attention; ``fixes``: what to do per other class, ``reset`` for any class not listed), and an
+    attnkit processor already in place (nested ``control`` blocks)."""
+    if isinstance(proc, AttnkitProcessor):
+        raise AttnkitError("attnkit.control is already active on this pipeline: pass all controllers to "
+                           "one control(pipe, c1, c2, ...) call instead of nesting blocks")
+    cls = type(proc).__name__
+    if cls not in plain:
+        raise AttnkitError(f"layer {name} uses {cls}, which attnkit would replace and silently drop; "
+                           f"{fixes.get(cls, reset)}")
 
 
 def check_no_skipping_hooks(model: Any) -> None:

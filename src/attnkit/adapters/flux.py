@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnkit.adapters.base import Adapter, ModelCall
+from attnkit.adapters.base import Adapter, ModelCall, check_processor
 from attnkit.adapters.joint import Views, attend_joint
 from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, Layout, TokenLayout
 
@@ -63,13 +63,8 @@ class FluxAdapter(Adapter):
     def check(self) -> None:
         super().check()
         for name, proc in self.model.attn_processors.items():
-            cls = type(proc).__name__
-            if isinstance(proc, AttnkitProcessor):
-                raise AttnkitError("attnkit.control is already active on this pipeline: pass all controllers to "
-                                   "one control(pipe, c1, c2, ...) call instead of nesting blocks")
-            if cls != "FluxAttnProcessor":
-                fix = _FIXES.get(cls, "reset it with pipe.transformer.set_attn_processor(FluxAttnProcessor())")
-                raise AttnkitError(f"layer {name} uses {cls}, which attnkit would replace and silently drop; {fix}")
+            check_processor(name, proc, ("FluxAttnProcessor",), _FIXES,
+                            "reset it with pipe.transformer.set_attn_processor(FluxAttnProcessor())")
             if getattr(proc, "_parallel_config", None) is not None:
                 raise AttnkitError(f"layer {name} runs context parallelism, which splits the sequence attnkit "
                                    "needs whole; run without a parallel config under attnkit.control")

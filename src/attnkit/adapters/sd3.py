@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.adapters.base import Adapter, ModelCall
+from attnkit.adapters.base import Adapter, ModelCall, check_processor
 from attnkit.adapters.joint import Views, attend_joint
 from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, TokenLayout
 
@@ -64,13 +64,8 @@ class SD3Adapter(Adapter):
     def check(self) -> None:
         super().check()
         for name, proc in self.model.attn_processors.items():
-            cls = type(proc).__name__
-            if isinstance(proc, AttnkitProcessor):
-                raise AttnkitError("attnkit.control is already active on this pipeline: pass all controllers to "
-                                   "one control(pipe, c1, c2, ...) call instead of nesting blocks")
-            if cls not in _PLAIN:
-                fix = _FIXES.get(cls, "reset it with pipe.transformer.set_attn_processor(JointAttnProcessor2_0())")
-                raise AttnkitError(f"layer {name} uses {cls}, which attnkit would replace and silently drop; {fix}")
+            check_processor(name, proc, _PLAIN, _FIXES,
+                            "reset it with pipe.transformer.set_attn_processor(JointAttnProcessor2_0())")
 
     def processors(self, ctl: Control) -> dict[str, Any]:
         views: dict[str, dict[str, LayerInfo]] = {}

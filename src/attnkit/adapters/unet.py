@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.adapters.base import Adapter, ModelCall
+from attnkit.adapters.base import Adapter, ModelCall, check_processor
 from attnkit.engine import (
     AttentionCall,
     AttnkitError,
@@ -90,14 +90,7 @@ def describe_unet_layers(unet: Any) -> dict[str, LayerInfo]:
 
 def check_processors(processors: dict[str, Any]) -> None:
     for name, proc in processors.items():
-        cls = type(proc).__name__
-        if isinstance(proc, AttnkitProcessor):
-            raise AttnkitError("attnkit.control is already active on this pipeline: pass all controllers to "
-                               "one control(pipe, c1, c2, ...) call instead of nesting blocks")
-        if cls in _PLAIN_PROCESSORS:
-            continue
-        fix = _CONFLICT_FIXES.get(cls, "reset it with pipe.unet.set_default_attn_processor()")
-        raise AttnkitError(f"layer {name} uses {cls}, which attnkit would replace and silently drop; {fix}")
+        check_processor(name, proc, _PLAIN_PROCESSORS, _CONFLICT_FIXES, "reset it with pipe.unet.set_default_attn_processor()")
 
 
 class UNetProcessor(AttnkitProcessor):
