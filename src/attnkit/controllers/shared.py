@@ -571,7 +571,27 @@ def _word_tokens(tokenizer: Any, prompts: Sequence[str], words: str | Sequence[s
     return tokens
 
 
-class MaskedMutualSelfAttention(MutualSelfAttention):
+class _MasksFromWordMaps:
+    """The hooks of a controller whose masks come from ``self.maps`` (a :class:`_WordMaps`): maps read on every
+    cross-attention call, closed at each step's end, and the masks cached per step (``self._cache``)."""
+
+    maps: _WordMaps
+
+    def on_enter(self, ctl: Control) -> None:
+        super().on_enter(ctl)  # type: ignore[misc]
+        self.maps.reset()
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def observe(self, call: AttentionCall) -> None:
+        self.maps.observe(call)
+
+    def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.maps.end_step(ctl.state.latent_hw)
+        self._cache = {}
+        return {}
+
+
+class MaskedMutualSelfAttention(_MasksFromWordMaps, MutualSelfAttention):
     """Mask-guided MasaCtrl (the official ``MutualSelfAttentionControlMaskAuto``): the foreground of each target
     attends to the source's foreground only, and the background to the background.
 
@@ -606,18 +626,6 @@ class MaskedMutualSelfAttention(MutualSelfAttention):
         self.maps = _WordMaps(_word_tokens(tokenizer, self.prompts, words, "mask word"), res, window)
         self.words = words
 
-    def on_enter(self, ctl: Control) -> None:
-        super().on_enter(ctl)
-        self.maps.reset()
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
-
-    def observe(self, call: AttentionCall) -> None:
-        self.maps.observe(call)
-
-    def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.maps.end_step(ctl.state.latent_hw)
-        self._cache = {}
-        return {}
 
     def masks(self, height: int, width: int) -> torch.Tensor | None:
         """The binary masks ``(prompts, height·width)`` used at a layer of that grid, or None."""
@@ -652,7 +660,7 @@ class MaskedMutualSelfAttention(MutualSelfAttention):
 
 
 # -- ConsiStory's subject-driven shared attention ----------------------------------------------------------
-class SubjectShare(SharedAttention):
+class SubjectShare(_MasksFromWordMaps, SharedAttention):
     """Subject-driven shared self-attention, the attention part of ConsiStory (Tewel et al., SIGGRAPH 2024;
     NVlabs/consistory ``attention_processor.py``).
 
@@ -691,18 +699,8 @@ class SubjectShare(SharedAttention):
 
     def on_enter(self, ctl: Control) -> None:
         super().on_enter(ctl)
-        self.maps.reset()
         self._generator = torch.Generator("cpu").manual_seed(self.seed)
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
         self.last_masks: dict[tuple[int, int], torch.Tensor] = {}
-
-    def observe(self, call: AttentionCall) -> None:
-        self.maps.observe(call)
-
-    def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.maps.end_step(ctl.state.latent_hw)
-        self._cache = {}
-        return {}
 
     def masks(self, height: int, width: int) -> torch.Tensor | None:
         """The references' subject masks ``(R, height·width)`` after dropout at this step, or None."""
