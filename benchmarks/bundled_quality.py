@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/bundled_quality.py            # full: 500 renders, 200 full + 2 x 200 open prompts
     python benchmarks/bundled_quality.py --quick    # < 5 min: 200 renders, 48 full + 2 x 32 open prompts
+    python benchmarks/bundled_quality.py --model bundled-mmdit --quick   # the bundled MM-DiT (SD3) model
 
 The last line printed is one JSON object with the headline numbers.
 """
@@ -42,12 +43,27 @@ from attnkit.bundled.evaluate import (
 from attnkit.bundled.scenes import BACKGROUNDS, COLORS, spec_for_seed
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
+MODELS = {"bundled": MODEL_DIR, "bundled-mmdit": MODEL_DIR.parent / "mmdit"}
 BENCH_SEED_START = 10_100_000  # held-out; the training-time evaluation uses 10_500_000..
 OPEN_SEED_START = {"background": 10_200_000, "color": 10_300_000}  # held-out, disjoint from the above
 CHECKER_SEED_START = 10_000_000
 
 
-def run_open(pipe, n: int, guidance: float, steps: int, batch: int = 8) -> dict:
+def load(model_dir: Path):
+    """The pipeline class the folder names (StableDiffusionPipeline or, for the MM-DiT model,
+    StableDiffusion3Pipeline without T5) and the pipeline-call settings of its ``attnkit.json`` beyond
+    guidance and steps (the MM-DiT model's ``max_sequence_length``)."""
+    import diffusers
+
+    index = json.loads((model_dir / "model_index.json").read_text())
+    absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if k in index and index[k][0] is None}
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(model_dir, **absent)
+    defaults = json.loads((model_dir / "attnkit.json").read_text())
+    call = {k: defaults[k] for k in ("max_sequence_length",) if k in defaults}
+    return pipe, defaults, call
+
+
+def run_open(pipe, n: int, guidance: float, steps: int, batch: int = 8, call: dict | None = None) -> dict:
     """Grammar v2: ``n`` prompts with an open background and ``n`` with an open colour."""
     out: dict = {}
     every = []
@@ -57,7 +73,7 @@ def run_open(pipe, n: int, guidance: float, steps: int, batch: int = 8) -> dict:
         results = []
         for i in range(0, n, batch):
             seeds = range(start + i, start + min(n, i + batch))
-            results += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps)
+            results += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps, **(call or {}))
             print(f"  open {kind}: {min(n, i + batch)}/{n}", file=sys.stderr, flush=True)
         sp = spread(chosen_values(results, kind), support)
         out[f"open_{kind}_entropy"] = sp["entropy"]
@@ -75,18 +91,15 @@ def run_open(pipe, n: int, guidance: float, steps: int, batch: int = 8) -> dict:
 
 def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None, batch: int = 8,
         n_open: int | None = None) -> dict:
-    from diffusers import StableDiffusionPipeline
-
     torch.set_num_threads(int(os.environ.get("ATTNKIT_BENCH_THREADS", "1")))
     t0 = time.time()
     n_check = 200 if quick else 500
     checker = validate(range(CHECKER_SEED_START, CHECKER_SEED_START + n_check))
     checker_acc = float(np.mean(list(checker.values())))
 
-    defaults = json.loads((model_dir / "attnkit.json").read_text())
+    pipe, defaults, call = load(model_dir)
     g = defaults["guidance_scale"] if guidance is None else guidance
     steps = defaults["num_inference_steps"]
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     n = n_gen or (48 if quick else 200)
     specs = [spec_for_seed(BENCH_SEED_START + i) for i in range(n)]
@@ -99,7 +112,7 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
         chunk = specs[start : start + batch]
         ts = time.time()
         seeds = range(BENCH_SEED_START + start, BENCH_SEED_START + start + len(chunk))
-        results = generate_scored(pipe, chunk, seeds, g, steps)
+        results = generate_scored(pipe, chunk, seeds, g, steps, **call)
         t_gen += time.time() - ts
         for r in results:
             failures += r["n_found"] == 0
@@ -114,10 +127,10 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
         ts = time.time()
         with torch.no_grad():
             pipe(specs[i].caption, num_inference_steps=steps, guidance_scale=g,
-                 generator=torch.Generator().manual_seed(i), height=64, width=64)
+                 generator=torch.Generator().manual_seed(i), height=64, width=64, **call)
         single.append(time.time() - ts)
     acc = {k: v / n for k, v in tot.items()}
-    opened = run_open(pipe, n_open if n_open is not None else (32 if quick else 200), g, steps, batch)
+    opened = run_open(pipe, n_open if n_open is not None else (32 if quick else 200), g, steps, batch, call)
     res = {
         "color_acc": acc["color"],
         "shape_acc": acc["shape"],
@@ -142,11 +155,11 @@ def run(quick: bool, model_dir: Path, guidance: float | None, n_gen: int | None,
     return res
 
 
-def print_table(res: dict) -> None:
+def print_table(res: dict, model: str = "bundled", sampler: str = "DDIM") -> None:
     targets = {"color_acc": 0.95, "shape_acc": 0.85, "count_acc": 0.90, "background_acc": 0.95,
                "fill_acc": 0.85, "xattn_iou": 0.5}
-    print(f"bundled model: {res['n_images']} held-out prompts, guidance {res['guidance_scale']}, "
-          f"{res['num_inference_steps']} DDIM steps, {res['s_per_image']:.2f} s/image in batches of 8 "
+    print(f"{model} model: {res['n_images']} held-out prompts, guidance {res['guidance_scale']}, "
+          f"{res['num_inference_steps']} {sampler} steps, {res['s_per_image']:.2f} s/image in batches of 8 "
           f"(one image alone: {res['single_image_s']:.2f} s)")
     print("| metric | value | target |\n|---|---|---|")
     for k, t in targets.items():
@@ -176,13 +189,18 @@ def print_table(res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (< 5 min)")
-    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--model", choices=sorted(MODELS), default="bundled",
+                   help="bundled: the UNet model; bundled-mmdit: the SD3 transformer model")
+    p.add_argument("--model-dir", type=Path, default=None, help="a model folder (overrides --model)")
     p.add_argument("--guidance", type=float, default=None, help="override the model's default guidance")
     p.add_argument("--n", type=int, default=None, help="number of generated images")
     p.add_argument("--n-open", type=int, default=None, help="prompts per open attribute (0: skip grammar v2)")
     a = p.parse_args()
-    res = run(a.quick, a.model_dir, a.guidance, a.n, n_open=a.n_open)
-    print_table(res)
+    model_dir = a.model_dir or MODELS[a.model]
+    res = run(a.quick, model_dir, a.guidance, a.n, n_open=a.n_open)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    sd3 = index["_class_name"] == "StableDiffusion3Pipeline"
+    print_table(res, "bundled MM-DiT (SD3)" if sd3 else "bundled", "flow-matching Euler" if sd3 else "DDIM")
     print(json.dumps({k: v for k, v in res.items() if k != "checker" and not k.endswith("_examples")}))
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/p2p.py --quick          # < 5 min on a 2-core CPU
     .venv/bin/python benchmarks/p2p.py --seeds 60 --size 256 --steps 5 --repeats 3
+    .venv/bin/python benchmarks/p2p.py --model bundled-mmdit --quick --skip-speed   # the MM-DiT (SD3) model
 
 (a) Quality (needs ``src/attnkit/bundled/model/model_index.json``): for held-out shapes-world scenes, the
     source caption's image is edited into the caption with object 0's colour (or shape) swapped. Object-mask
@@ -34,6 +35,7 @@ from attnkit.controllers import Replace
 from attnkit.store import AttentionStore
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "bundled" / "model"
+MODELS = {"bundled": MODEL_DIR, "bundled-mmdit": MODEL_DIR.parent / "mmdit"}
 
 
 # -- (a) quality on the bundled model ---------------------------------------------------------------------
@@ -217,8 +219,12 @@ def main() -> None:
     parser.add_argument("--self", dest="self_", type=float, default=0.4)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="model folder of the quality part")
+    parser.add_argument("--model", choices=sorted(MODELS), default="bundled",
+                        help="model of the quality part: bundled (UNet) or bundled-mmdit (SD3 transformer)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="model folder of the quality part "
+                        "(overrides --model)")
     args = parser.parse_args()
+    args.model_dir = args.model_dir or MODELS[args.model]
     if args.quick:
         args.seeds, args.shape_seeds, args.size, args.steps, args.repeats = 16, 0, 128, 3, 2
     torch.set_num_threads(args.threads)

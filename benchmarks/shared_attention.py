@@ -14,7 +14,9 @@ attribute is read by ``attnkit.bundled.checker.score`` (``chosen_background``, `
     matches when its object 0 takes the reference's colour. ``free``: the same prompts and seeds without
     sharing (the reference image is the same in both: sharing never changes it; the table shows the largest
     pixel difference). ``prompt_kept``: the targets' shape accuracy under sharing (each keeps its own prompted
-    shapes), beside the same figure without sharing.
+    shapes), beside the same figure without sharing, which bounds it (``prompt_kept_vs_free``: their ratio).
+    GroupNorm sharing follows the model's ``style_group_norm`` (``attnkit.json``) where it sets one, else the
+    official rule (on for SD1.x-type UNets); ``style_group_norm`` in the JSON says which ran.
 (b) MasaCtrl (``attnkit.mutual_edit``, defaults: step 4, layer fraction 0.625): a one-object source whose colour
     is open, and a target that changes its shape; *kept*: the target's object takes the source's colour (free:
     the same two prompts from the same noise, no control); the target's shape accuracy beside it.
@@ -83,6 +85,7 @@ def style_part(pipe: Any, kind: str, batches: int, offset: int) -> dict[str, Any
         captions = [p.caption for p in prompts]
         noise_seed = 1000 + offset + b
         shared = attnkit.style_aligned(pipe, captions, seed=noise_seed, progress=False)
+        group_norm = shared.settings["share_group_norm"]  # the model's choice (attnkit.json) or the official rule
         free = attnkit.generate(pipe, captions, seed=noise_seed, shared_noise=False, progress=False)
         ref_diff = max(ref_diff, _max_pixel_diff(shared.images[0], free.images[0]))
         for name, images in (("shared", shared.images), ("free", free.images)):
@@ -94,7 +97,7 @@ def style_part(pipe: Any, kind: str, batches: int, offset: int) -> dict[str, Any
         _progress(f"style ({kind})", b + 1, batches)
     return {"match_shared": float(np.mean(matches["shared"])), "match_free": float(np.mean(matches["free"])),
             "shape_shared": float(np.mean(shapes["shared"])), "shape_free": float(np.mean(shapes["free"])),
-            "targets": len(matches["shared"]), "reference_max_pixel_diff": ref_diff}
+            "targets": len(matches["shared"]), "reference_max_pixel_diff": ref_diff, "group_norm": group_norm}
 
 
 # -- (b) MasaCtrl ------------------------------------------------------------------------------------------------
@@ -254,7 +257,8 @@ def main() -> None:
               f"{subj['background_subject']:.3f} | {subj['background_free']:.3f} | {subj['background_full']:.3f} | "
               f"{subj['targets']} |")
         worst = max(bg["reference_max_pixel_diff"], col["reference_max_pixel_diff"])
-        print(f"\nreference image, shared vs free: largest pixel difference {worst} (of 255)")
+        print(f"\nreference image, shared vs free: largest pixel difference {worst} (of 255); Style Aligned's "
+              f"GroupNorm sharing on this model: {'on' if bg['group_norm'] else 'off'}")
         summary.update({
             "style_match_shared": round(bg["match_shared"], 4), "style_match_free": round(bg["match_free"], 4),
             "style_color_match_shared": round(col["match_shared"], 4),
@@ -268,6 +272,9 @@ def main() -> None:
             "subject_background_kept_free": round(subj["background_free"], 4),
             "subject_background_kept_full": round(subj["background_full"], 4),
             "prompt_kept": round(kept, 4), "prompt_kept_free": round(kept_free, 4),
+            # the model's own shape accuracy on these prompts bounds prompt_kept: sharing keeps this share of it
+            "prompt_kept_vs_free": round(kept / kept_free, 4) if kept_free else None,
+            "style_group_norm": bg["group_norm"],
             "reference_max_pixel_diff": worst,
         })
     else:

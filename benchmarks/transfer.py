@@ -24,7 +24,8 @@ Scores (``attnkit.bundled.checker.read_image`` on the output):
   ``noswap_*`` = the output prompt sampled from the structure's inverted noise without any swap.
 * Ablations: each component (contrast, swap guidance, AdaIN) removed at a time; DDIM instead of DDPM inversion.
 * Speed: ``time_ratio`` = one denoising step's UNet call (4 rows) under the swap and contrast divided by the stock
-  UNet on the same 4 rows (interleaved, median; ``swap_only_time_ratio``: the swap without contrast);
+  UNet on the same 4 rows (interleaved, median; ``swap_only_time_ratio``: the swap without contrast;
+  ``prob_path_time_ratio``: the contrast on the engine's probability path, every row's maps, as beside a store);
   ``total_time_ratio`` = a whole transfer (inversions included) divided by one plain generation with the model's
   defaults.
 
@@ -57,6 +58,7 @@ from attnkit.bundled.scenes import (
     spec_for_seed,
 )
 from attnkit.controllers.cross_image import FINE_STEPS
+from attnkit.engine import Controller
 
 PAIR_SEED = HELDOUT_SEED_START + 150_000  # a held-out range of its own
 DONOR_OFFSET = 500_000  # geometry donors: another held-out range
@@ -115,10 +117,18 @@ def evaluate(image, structure: SceneSpec, appearance: SceneSpec) -> dict[str, fl
 
 
 # -- timing ---------------------------------------------------------------------------------------------------------
-def step_overhead(pipe, repeats: int) -> tuple[float, float, float]:
+class _Reader(Controller):
+    """Reads attention maps (as a store does): puts the contrast on the engine's probability path."""
+
+    def observe(self, call) -> None:
+        pass
+
+
+def step_overhead(pipe, repeats: int) -> tuple[float, float, float, float]:
     """(seconds per stock 4-row UNet call, ratio of the call under swap + contrast to it, ratio under the swap
-    alone), interleaved medians. Contrast needs the probabilities, so its layers leave fused attention; the swap
-    alone only edits keys and values."""
+    alone, ratio under swap + contrast on the probability path), interleaved medians. The contrast needs the
+    output row's probabilities: alone, the controller makes them for that row only (the others stay fused);
+    beside a map reader every row's are made. The swap alone only edits keys and values."""
     from attnkit.controllers.cross_image import CrossImageAttention
     from attnkit.engine import Layout, control
     from attnkit.transfer import _unet
@@ -126,8 +136,8 @@ def step_overhead(pipe, repeats: int) -> tuple[float, float, float]:
     text = attnkit.inversion.encode_text(pipe, "a circle and a square", 64, 64)
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = int(pipe.scheduler.timesteps[0]) if len(pipe.scheduler.timesteps) else 500
-    stock, controlled, swapped = [], [], []
-    full, swap_only = CrossImageAttention(), CrossImageAttention(contrast=1.0)
+    stock, controlled, swapped, explicit = [], [], [], []
+    full, swap_only, beside = CrossImageAttention(), CrossImageAttention(contrast=1.0), CrossImageAttention()
     with torch.no_grad():
         for _ in range(2):  # warm-up
             _unet(pipe, x, t, [text] * 4)
@@ -135,15 +145,15 @@ def step_overhead(pipe, repeats: int) -> tuple[float, float, float]:
             start = time.perf_counter()
             _unet(pipe, x, t, [text] * 4)
             stock.append(time.perf_counter() - start)
-            for swap, times in ((full, controlled), (swap_only, swapped)):
-                with control(pipe, swap, layout=Layout(prompts=4, cfg=False)) as ctl:
+            for hooks, times in (((full,), controlled), ((swap_only,), swapped), ((beside, _Reader()), explicit)):
+                with control(pipe, *hooks, layout=Layout(prompts=4, cfg=False)) as ctl:
                     ctl.set_step(30, 68)  # inside both swap windows
                     start = time.perf_counter()
                     _unet(pipe, x, t, [text] * 4)
                     times.append(time.perf_counter() - start)
-    assert full.swapped_calls > 0 and swap_only.swapped_calls > 0
+    assert full.swapped_calls > 0 and swap_only.swapped_calls > 0 and beside.swapped_calls > 0
     base = statistics.median(stock)
-    return base, statistics.median(controlled) / base, statistics.median(swapped) / base
+    return base, *(statistics.median(times) / base for times in (controlled, swapped, explicit))
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -154,10 +164,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="timesteps (default 25, the model's own; quick 16; official 100)")
     parser.add_argument("--model-dir", type=Path, default=None, help="pipeline folder (default: the shipped weights)")
+    parser.add_argument("--inversion-guidance", type=float, default=None,
+                        help="DDPM inversion guidance (default: the model's ddpm_inversion_guidance, else the "
+                             "paper's 3.5)")
     parser.add_argument("--ablations", default=None,
                         help="comma-separated variants to run besides the full method (default: the component "
                              "ablations and DDIM inversion; quick: the component ablations); also 'follow inputs', "
-                             "'structure K/V quirk', 'finest grid only'")
+                             "'structure K/V quirk', 'finest grid only', 'inversion guidance 3.5'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     count = args.pairs or (2 if args.quick else 30)
@@ -175,6 +188,7 @@ def main() -> None:
         "structure K/V quirk": {"structure_kv": True},
         "finest grid only": {"grid_steps": (FINE_STEPS,)},  # the bundled UNet has attention on two decoder grids only
         "DDIM inversion": {"inversion": "ddim"},
+        "inversion guidance 3.5": {"inversion_guidance": 3.5},  # the paper's (Stable Diffusion) value
     }
     chosen = ["full"]
     if args.ablations is not None:
@@ -188,7 +202,9 @@ def main() -> None:
         sys.exit(f"unknown variant(s) {unknown}: choose from {list(variants)}")
 
     from attnkit.ddpm_inversion import ddpm_invert, ddpm_sample, from_inversion
-    from attnkit.transfer import transfer
+    from attnkit.transfer import ddpm_inversion_guidance, transfer
+
+    guidance = ddpm_inversion_guidance(pipe) if args.inversion_guidance is None else args.inversion_guidance
 
     scores: dict[str, list[dict[str, float]]] = {v: [] for v in [*chosen, "noswap", "structure image",
                                                                   "appearance image"]}
@@ -201,23 +217,30 @@ def main() -> None:
         scores["structure image"].append(evaluate(s_img, s_spec, a_spec))
         scores["appearance image"].append(evaluate(a_img, s_spec, a_spec))
         start = time.perf_counter()
-        trajectories = {"ddpm": (ddpm_invert(pipe, s_img, prompt, steps=steps, seed=seed, progress=False),
-                                 ddpm_invert(pipe, a_img, prompt, steps=steps, seed=seed + 1, progress=False))}
+        trajectories = {("ddpm", guidance): (
+            ddpm_invert(pipe, s_img, prompt, steps=steps, guidance=guidance, seed=seed, progress=False),
+            ddpm_invert(pipe, a_img, prompt, steps=steps, guidance=guidance, seed=seed + 1, progress=False))}
         timings["invert"].append(time.perf_counter() - start)
+        for name in chosen:  # the variants inverted at another guidance
+            g = variants[name].get("inversion_guidance", guidance)
+            if ("ddpm", g) not in trajectories:
+                trajectories[("ddpm", g)] = tuple(ddpm_invert(pipe, im, prompt, steps=steps, guidance=g, seed=seed + k,
+                                                              progress=False) for k, im in enumerate((s_img, a_img)))
         if "DDIM inversion" in chosen:
-            trajectories["ddim"] = tuple(from_inversion(attnkit.invert(pipe, im, prompt, method="ddim", steps=steps,
+            trajectories[("ddim", 1.0)] = tuple(from_inversion(attnkit.invert(pipe, im, prompt, method="ddim", steps=steps,
                                                                         progress=False)) for im in (s_img, a_img))
-        noswap = ddpm_sample(pipe, trajectories["ddpm"][0], prompt, guidance=1.0,
+        noswap = ddpm_sample(pipe, trajectories[("ddpm", guidance)][0], prompt, guidance=1.0,
                              skip=int(skip * steps + 1e-9), progress=False)
         scores["noswap"].append(evaluate(noswap, s_spec, a_spec))
         masks = "auto"
         for name in chosen:
             options = dict(variants[name])
             method = options.pop("inversion", "ddpm")
-            if method == "ddpm":  # the masks depend on the inputs only: found once per pair (timed in "full")
+            key = (method, options.pop("inversion_guidance", guidance) if method == "ddpm" else 1.0)
+            if key == ("ddpm", guidance):  # the masks depend on the inputs only: found once per pair (timed in "full")
                 options.setdefault("masks", masks)
             start = time.perf_counter()
-            result = transfer(pipe, structure=trajectories[method][0], appearance=trajectories[method][1],
+            result = transfer(pipe, structure=trajectories[key][0], appearance=trajectories[key][1],
                               prompt=prompt, steps=steps, skip=skip, progress=False, **options)
             if name == "full":
                 timings["transfer"].append(time.perf_counter() - start)
@@ -230,24 +253,27 @@ def main() -> None:
         return float(np.mean([s[key] for s in scores[name]]))
 
     # speed
-    per_call, time_ratio, swap_ratio = step_overhead(pipe, repeats=7 if args.quick else 15)
+    per_call, time_ratio, swap_ratio, prob_ratio = step_overhead(pipe, repeats=15 if args.quick else 25)
     start = time.perf_counter()
     attnkit.generate(pipe, output_prompt(pairs(1)[0][1]), seed=0, progress=False)
     generation = time.perf_counter() - start
     transfer_total = float(np.mean(timings["transfer"])) + float(np.mean(timings["invert"]))
 
     print(f"\n## Cross-image attention on the bundled model ({weights}); {count} held-out pairs, {steps} timesteps "
-          f"({steps - int(skip * steps + 1e-9)} denoised), objects paired by shape\n")
+          f"({steps - int(skip * steps + 1e-9)} denoised), DDPM inversion guidance {guidance:g}, objects paired by "
+          "shape\n")
     print("| output | structure IoU | appearance match |")
     print("|---|---|---|")
     labels = {"full": "cross-image attention (all components)", "noswap": "prompt from the structure's noise, no swap",
               "structure image": "the structure image itself", "appearance image": "the appearance image itself"}
     for name in ["full", *[c for c in chosen if c != "full"], "noswap", "structure image", "appearance image"]:
-        label = labels.get(name, f"  {name}" if name.startswith(("DDIM", "follow", "structure K", "plain", "finest"))
+        label = labels.get(name, f"  {name}" if name.startswith(("DDIM", "follow", "structure K", "plain", "finest",
+                                                                      "inversion"))
                            else f"  without: {name.removeprefix('no ')}")
         print(f"| {label} | {mean(name, 'structure_iou'):.3f} | {mean(name, 'appearance_match'):.3f} |")
     print(f"\nper step: stock 4-row UNet call {per_call * 1000:.1f} ms, under swap + contrast {time_ratio:.3f}x "
-          f"(swap alone, fused attention: {swap_ratio:.3f}x); "
+          f"(swap alone, fused attention: {swap_ratio:.3f}x; contrast on every row's probabilities, as beside a "
+          f"map reader: {prob_ratio:.3f}x); "
           f"one transfer (2 inversions + {steps - int(skip * steps + 1e-9)} steps) {transfer_total:.1f} s = "
           f"{transfer_total / generation:.1f}x one plain generation ({generation:.1f} s)")
     headline = {
@@ -259,8 +285,9 @@ def main() -> None:
         "noswap_structure_iou": round(mean("noswap", "structure_iou"), 4),
         "time_ratio": round(time_ratio, 4),
         "swap_only_time_ratio": round(swap_ratio, 4),
+        "prob_path_time_ratio": round(prob_ratio, 4),
         "total_time_ratio": round(transfer_total / generation, 3),
-        "pairs": count, "steps": steps, "weights": weights,
+        "pairs": count, "steps": steps, "weights": weights, "inversion_guidance": guidance,
         "ablations": {name: {"structure_iou": round(mean(name, "structure_iou"), 4),
                              "appearance_match": round(mean(name, "appearance_match"), 4)}
                       for name in chosen if name != "full"},

@@ -84,7 +84,10 @@ def test_every_python_block_runs_or_says_why_not():
 QUICK = {
     "generate": ["--steps", "2"], "maps": ["--steps", "2"], "invert": ["--steps", "2", "--inner-steps", "1"],
     "edit": ["--steps", "2"], "style": ["--steps", "2"], "consistent": ["--steps", "2"],
+    "mutual-edit": ["--steps", "2"],
     "transfer": ["--steps", "2"], "segment": ["--steps", "2"], "batch": [],
+    "concepts": ["--steps", "2"], "stable-flow": ["--steps", "2"],
+    "rf-invert": ["--steps", "2"], "flow-edit": ["--steps", "2"],
 }
 TINY = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 SAMPLE = ROOT / "docs" / "sample_scene.png"

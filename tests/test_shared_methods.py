@@ -46,6 +46,20 @@ def test_style_aligned_keeps_the_reference_and_changes_the_targets(pipe):
     assert record["share_group_norm"] == (pipe.unet.config.addition_embed_type != "text_time")
 
 
+def test_a_models_own_group_norm_choice_is_style_aligneds_default(tmp_path):
+    import json
+
+    model = tiny_pipeline("sd")  # the official rule would share its group norms (SD1.x)
+    (tmp_path / "attnkit.json").write_text(json.dumps({"style_group_norm": False}))
+    model._attnkit_folder = str(tmp_path)
+    prompts = ["a red circle", "a blue square"]
+    own = attnkit.style_aligned(model, prompts, seed=1, steps=2, progress=False)
+    off = attnkit.style_aligned(model, prompts, seed=1, steps=2, share_group_norm=False, progress=False)
+    on = attnkit.style_aligned(model, prompts, seed=1, steps=2, share_group_norm=True, progress=False)
+    assert own.record()["share_group_norm"] is False and on.record()["share_group_norm"] is True
+    assert torch.equal(own.latents, off.latents) and (own.latents[1] - on.latents[1]).abs().max() > 1e-4
+
+
 def test_mutual_edit_keeps_the_source(pipe):
     result = attnkit.mutual_edit(pipe, "a red circle", ["a red square", "a red triangle"], seed=2, start_step=1,
                                  start_layer=0, steps=STEPS, progress=False)

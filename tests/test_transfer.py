@@ -98,6 +98,26 @@ def test_transfer_of_two_images_of_different_sizes(pipe):
     assert result.settings["rows"] == ["output", "appearance", "structure", "output_plain"]
     assert result.settings["kinds"] == {"structure": "image", "appearance": "image"}
     assert result.settings["swapped_calls"] > 0 and result.settings["skip"] == 1
+    assert result.settings["inversion_guidance"] == 3.5  # the paper's, where the model sets none
+    assert {t.guidance for t in result.trajectories.values()} == {3.5}
+
+
+def test_a_models_own_ddpm_inversion_guidance_is_the_default(tmp_path):
+    import json
+
+    from attnkit.transfer import ddpm_inversion_guidance
+
+    model = tiny_pipeline("sd")
+    (tmp_path / "attnkit.json").write_text(json.dumps({"ddpm_inversion_guidance": 1.0}))
+    model._attnkit_folder = str(tmp_path)
+    assert ddpm_inversion_guidance(model) == 1.0
+    result = transfer(model, structure=_picture(0, (32, 32)), appearance=_picture(1, (32, 32)), prompt="a red circle",
+                      steps=STEPS, masks=None, progress=False)
+    assert result.settings["inversion_guidance"] == 1.0
+    assert {t.guidance for t in result.trajectories.values()} == {1.0}
+    given = transfer(model, structure=result.trajectories["structure"], appearance=_picture(1, (32, 32)),
+                     prompt="a red circle", steps=STEPS, masks=None, inversion_guidance=2.0, progress=False)
+    assert given.trajectories["appearance"].guidance == 2.0  # an explicit value wins
     assert result.strip().size == (96, 32)
     assert set(result.record()["inputs"]) == {"structure", "appearance"}
 

@@ -26,7 +26,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "attnkit.controllers": ("LocalBlend", "MaskedMutualSelfAttention", "MutualSelfAttention", "Refine", "Replace",
                             "Reweight", "StyleAligned", "SubjectShare"),
     "attnkit.controllers.cross_image": ("CrossImageAttention", "MaskedAdaIN"),
+    "attnkit.concepts": ("ConceptAttention", "ConceptMaps", "concept_maps", "embed_concepts"),
+    "attnkit.stable_flow": ("StableFlowInjection", "StableFlowResult", "VitalLayers", "stable_flow_edit",
+                            "vital_layers"),
     "attnkit.edit": ("EditResult", "edit"),
+    "attnkit.flow_edit": ("FlowEditResult", "flow_edit"),
+    "attnkit.flow_inversion": ("FlowGeneration", "FlowInversion", "rf_edit", "rf_invert", "rf_reconstruct"),
     "attnkit.engine": ("AttentionCall", "Controller", "LayerInfo", "Layout", "Selection", "control",
                        "describe_layers", "shared_latents"),
     "attnkit.inversion": ("Inversion", "invert"),
@@ -97,6 +102,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see: the same names, imported eagerly
     from attnkit.adapters import text_tokenizer
+    from attnkit.concepts import ConceptAttention, ConceptMaps, concept_maps, embed_concepts
     from attnkit.controllers import (
         LocalBlend,
         MaskedMutualSelfAttention,
@@ -119,12 +125,21 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see: the same names, imp
         describe_layers,
         shared_latents,
     )
+    from attnkit.flow_edit import FlowEditResult, flow_edit
+    from attnkit.flow_inversion import FlowGeneration, FlowInversion, rf_edit, rf_invert, rf_reconstruct
     from attnkit.inversion import Inversion, invert
     from attnkit.models import ModelDefaults, defaults_for, load_pipeline
     from attnkit.notices import AttnkitError, AttnkitWarning
     from attnkit.sampling import Generation, generate
     from attnkit.segmentation import Segment, Segmentation, segment
     from attnkit.shared import SharedResult, consistent, mutual_edit, style_aligned
+    from attnkit.stable_flow import (
+        StableFlowInjection,
+        StableFlowResult,
+        VitalLayers,
+        stable_flow_edit,
+        vital_layers,
+    )
     from attnkit.store import AttentionStore
     from attnkit.threads import set_threads
     from attnkit.transfer import TransferResult, transfer

@@ -782,31 +782,56 @@ def train_bundled(
     export_dir: Annotated[Path | None, typer.Option(
         help="Where the trained pipeline is written (default: RUN_DIR/model; pass src/attnkit/bundled/model "
              "to replace the shipped model).")] = None,
-    n_scenes: Annotated[int, typer.Option(help="Training scenes rendered and encoded once (the shipped model: "
-                                               "60000).")] = 100_000,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the UNet and text encoder.")] = 1e-3,
+    n_scenes: Annotated[int | None, typer.Option(
+        help="Training scenes rendered and encoded once (default: 100000; the shipped model: 60000; mmdit: "
+             "60000).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate of the denoiser and text encoder (default: 1e-3; mmdit: 8e-4).",
+        show_default=False)] = None,
     restart_schedule: Annotated[bool, typer.Option(
         help="When resuming, start a new warm-up + cosine schedule from the current step.")] = False,
     text_layers: Annotated[int, typer.Option(help="Transformer layers of the text encoder (new runs).")] = 2,
     warm_start: Annotated[Path | None, typer.Option(
         help="A checkpoint (.safetensors) whose matching tensors initialise a new run.")] = None,
-    ground_weight: Annotated[float, typer.Option(
+    ground_weight: Annotated[float | None, typer.Option(
         help="Weight of the grounding loss that keeps each object word's cross-attention on its object "
-             "(the shipped model's fine-tuning: 0.1).")] = 0.0,
-    open_color_rate: Annotated[float, typer.Option(
-        help="Grammar v2: how often a training caption leaves an object's colour open (\"a circle\"; the shipped "
-             "model: 0.2).")] = 0.0,
-    open_background_rate: Annotated[float, typer.Option(
-        help="Grammar v2: how often a training caption leaves the background open (the shipped model: "
-             "0.25).")] = 0.0,
+             "(default: 0; the shipped model's fine-tuning and mmdit: 0.1).", show_default=False)] = None,
+    open_color_rate: Annotated[float | None, typer.Option(
+        help="Grammar v2: how often a training caption leaves an object's colour open (\"a circle\"; default: 0; "
+             "the shipped model and mmdit: 0.2).", show_default=False)] = None,
+    open_background_rate: Annotated[float | None, typer.Option(
+        help="Grammar v2: how often a training caption leaves the background open (default: 0; the shipped "
+             "model and mmdit: 0.25).", show_default=False)] = None,
+    family: Annotated[str, typer.Option(
+        help="unet: the bundled UNet model (attnkit/bundled/train.py); mmdit: the bundled SD3 transformer "
+             "(attnkit/bundled/train_mmdit.py; --text-layers, --warm-start and --restart-schedule do not "
+             "apply), used with --model RUN_DIR/model or, shipped, --model bundled-mmdit.")] = "unet",
 ) -> None:
     """Retrain the bundled shapes-world model on this machine's CPU (see attnkit/bundled/train.py), then use it
     with --model RUN_DIR/model."""
+    if family not in ("unet", "mmdit"):
+        raise typer.BadParameter(f"--family {family!r}: use unet or mmdit")
+    mmdit = family == "mmdit"
+    picked = {"n_scenes": n_scenes, "lr": lr, "ground_weight": ground_weight, "open_color_rate": open_color_rate,
+              "open_background_rate": open_background_rate}
+    defaults = ({"n_scenes": 60_000, "lr": 8e-4, "ground_weight": 0.1, "open_color_rate": 0.2,
+                 "open_background_rate": 0.25} if mmdit else
+                {"n_scenes": 100_000, "lr": 1e-3, "ground_weight": 0.0, "open_color_rate": 0.0,
+                 "open_background_rate": 0.0})
+    chosen = {k: defaults[k] if v is None else v for k, v in picked.items()}
+    for name in ("open_color_rate", "open_background_rate"):
+        if not 0.0 <= chosen[name] <= 1.0:
+            raise typer.BadParameter(f"--{name.replace('_', '-')} is a probability: give a value from 0 to 1, "
+                                     f"not {chosen[name]}")
+    if mmdit:
+        from attnkit.bundled.train_mmdit import train as train_mmdit
+
+        train_mmdit(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", **chosen)
+        return
     from attnkit.bundled.train import train
 
-    for name, rate in (("--open-color-rate", open_color_rate), ("--open-background-rate", open_background_rate)):
-        if not 0.0 <= rate <= 1.0:
-            raise typer.BadParameter(f"{name} is a probability: give a value from 0 to 1, not {rate}")
+    n_scenes, lr, ground_weight = chosen["n_scenes"], chosen["lr"], chosen["ground_weight"]
+    open_color_rate, open_background_rate = chosen["open_color_rate"], chosen["open_background_rate"]
     train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", n_scenes=n_scenes, lr=lr,
           restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start,
           ground_weight=ground_weight, open_color_rate=open_color_rate,
@@ -948,6 +973,74 @@ def consistent(prompts: SharedPrompts,
                                        width=width, progress=not quiet)
         run.time("generate", start)
         _shared_files(run, folder, result)
+        run.finish(folder)
+    _report(run, out, quiet)
+
+
+@app.command("mutual-edit", epilog=BUNDLED_WORDS)
+@_friendly_errors
+def mutual_edit_command(
+        source: Annotated[str, typer.Argument(help="The source prompt (the image's caption with --image).",
+                                              show_default=False)],
+        to: Annotated[list[str], typer.Option("--to", help="A target prompt: a new pose or shape (repeatable).")],
+        start_step: Annotated[float | None, typer.Option(
+            help="Step the sharing starts at: an index (4) or a fraction of the steps below 1 (default: "
+                 "MasaCtrl's step 4).")] = None,
+        start_layer: Annotated[float | None, typer.Option(
+            help="Self-attention layer the sharing starts at, in forward order: an index or a fraction of the "
+                 "layers below 1 (default 0.625, MasaCtrl's layer 10 of 16: the decoder's finest grids).")] = None,
+        mask_word: Annotated[list[str] | None, typer.Option(
+            help="Mask-guided MasaCtrl: the word whose cross-attention splits foreground from background (once "
+                 "for every prompt, or once per prompt, the source first).")] = None,
+        mask_threshold: Annotated[float, typer.Option(
+            help="Mask threshold after min-max normalisation, 0 to 1 (MasaCtrl: 0.1).")] = 0.1,
+        image: Annotated[str | None, typer.Option(
+            help="A real source image (DDIM-inverted; SOURCE is its caption).")] = None,
+        model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
+        height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
+        out: Out = Path("outputs/mutual-edit"), quiet: Quiet = False, threads: Threads = None) -> None:
+    """MasaCtrl: edit SOURCE's image into each --to prompt (a new pose or shape) from the same noise, keeping its
+    appearance: the targets' queries read the source's keys and values (mutual self-attention). Writes grid.png
+    (source first, prompts under the images), 00_source.png, one NN_<changed words>.png per target (e.g.
+    01_square.png) and record.json; with --image also input.png."""
+    from attnkit.runs.methods import index_or_fraction, mask_words_for, mutual_output
+
+    _check_prompt(source, "SOURCE")
+    for target in to:
+        _check_prompt(target, f"--to {target!r}")
+    options: dict[str, Any] = {}
+    if start_step is not None:
+        options["start_step"] = index_or_fraction(start_step, "--start-step")
+    if start_layer is not None:
+        options["start_layer"] = index_or_fraction(start_layer, "--start-layer")
+    words = mask_words_for(mask_word, [source, *to], "--mask-word")
+    _check_fraction(mask_threshold, "--mask-threshold", "a threshold")
+    if image is not None and (height is not None or width is not None):
+        raise AttnkitError("--height/--width: with --image the image fixes the size; leave them out")
+    run = _Run.begin("mutual-edit", source, model, device, dtype, threads, quiet, out, steps, guidance, height,
+                     width)
+    picture = None
+    if image is not None:
+        from attnkit.images import load_image
+
+        picture = load_image(image)  # an unreadable file fails before the model loads
+    with _staged_output(out) as folder:
+        pipe = run.load()
+        from attnkit.shared import mutual_edit
+
+        if picture is not None:
+            from attnkit.inversion import use_ddim
+
+            use_ddim(pipe)  # the source follows its DDIM trajectory; the CLI owns this pipeline
+        start = time.perf_counter()
+        result = mutual_edit(pipe, source, list(to), seed=seed, mask_words=words, mask_threshold=mask_threshold,
+                             reference=picture, steps=steps, guidance=guidance, height=height, width=width,
+                             progress=not quiet, **options)
+        run.time("generate", start)
+        output = mutual_output(source, list(to), result, start, {"image": str(image)} if image is not None else {})
+        run.record.update(output.settings)
+        for name, picture_out, extra in output.images:
+            run.save(picture_out, folder, name, **extra)
         run.finish(folder)
     _report(run, out, quiet)
 
@@ -1157,6 +1250,299 @@ def transfer_command(
         for role in ("structure", "appearance"):
             run.save(result.inputs[role], folder, f"{role}.png")
             run.save(getattr(result, role), folder, f"{role}_reconstructed.png")
+        run.finish(folder)
+    _report(run, out, quiet)
+
+
+# -- MM-DiT methods: ConceptAttention and Stable Flow ------------------------------------------------------------
+def _mmdit_model(model: str | None) -> str:
+    """``--model`` for the MM-DiT-only commands: given, else the bundled MM-DiT model once it ships."""
+    if model is not None:
+        return model
+    from attnkit.models import bundled_model_path
+
+    if (bundled_model_path().parent / "mmdit").is_dir():
+        return "bundled-mmdit"
+    raise AttnkitError("this method needs an MM-DiT model (SD3/SD3.5 or FLUX.1) and the bundled model is a UNet: "
+                       "pass --model with an SD3/FLUX pipeline folder or hub id, or --model tiny-sd3 / tiny-flux")
+
+
+def _parse_blocks(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+        raise AttnkitError(f"--blocks {text!r}: give double-stream block indices separated by commas, e.g. 15,16,17,18 "
+                           "(negative counts from the end: -1 is the last)")
+    return [int(p) for p in parts]
+
+
+@app.command("concepts")
+@_friendly_errors
+def concepts_command(
+        prompt: Annotated[str, typer.Argument(help="The prompt to generate, or the caption of --image ('' allowed "
+                                                   "with --image).", show_default=False)],
+        concept: Annotated[list[str], typer.Option(
+            "--concept", "-c", help="A concept to map (repeat the option), e.g. -c circle -c square -c background.",
+            show_default=False)],
+        image: Annotated[str | None, typer.Option(help="Map this real image (a file) instead of generating.")] = None,
+        blocks: Annotated[str | None, typer.Option(
+            help="Double-stream blocks to average, e.g. 15,16,17,18 (default: the paper's last 4 of 19, relative "
+                 "to the model's depth).")] = None,
+        noise: Annotated[float, typer.Option(help="With --image: the noise level σ of the pass, in (0, 1].")] = 0.5,
+        samples: Annotated[int, typer.Option(help="With --image: noisy passes averaged.")] = 1,
+        model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
+        height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
+        out: Out = Path("outputs/concepts"), quiet: Quiet = False, threads: Threads = None) -> None:
+    """ConceptAttention (MM-DiT models): concept saliency maps from attention outputs. Writes image.png,
+    concepts.png (the image and one overlay per concept), segments.png (each pixel's most salient concept),
+    concepts/NN_concept.png overlays and record.json."""
+    from attnkit.concepts import check_concepts
+
+    names = check_concepts(concept)
+    chosen_blocks = _parse_blocks(blocks)
+    if not 0.0 < noise <= 1.0:
+        raise AttnkitError(f"--noise {noise}: give the noise level σ in (0, 1], e.g. 0.5")
+    if samples < 1:
+        raise AttnkitError(f"--samples {samples}: give at least 1")
+    if image is None:
+        _check_prompt(prompt)
+    model = _mmdit_model(model)
+    run = _Run.begin("concepts", prompt if prompt.strip() else "(none)", model, device, dtype, threads, quiet, out,
+                     steps, guidance, height, width)
+    run.record["prompt"] = prompt
+    picture = None
+    if image is not None:
+        from attnkit.images import load_image
+
+        picture = load_image(image)  # a bad file fails before the model loads
+        run.record["image"] = str(image)
+    with _staged_output(out) as folder:
+        pipe = run.load()
+        from attnkit.concepts import concept_maps
+        from attnkit.runs.execute import safe_name
+        from attnkit.viz import enlarge, overlay, segment_overlay
+
+        start = time.perf_counter()
+        result = concept_maps(pipe, prompt, names, image=picture, blocks=chosen_blocks, seed=seed, steps=steps,
+                              guidance=guidance, height=height, width=width, noise_level=noise, samples=samples,
+                              progress=not quiet)
+        run.time("concepts", start)
+        record = result.record()
+        run.record.update(seed=seed, height=result.image.height, width=result.image.width, concepts=names,
+                          layers=record["layers"], concept_steps=record["steps"],
+                          settings={k: v for k, v in record.items() if k not in ("prompt", "concepts", "layers")})
+        if "steps" in result.settings:
+            run.record.update(steps=result.settings["steps"], guidance=result.settings["guidance"])
+        run.save(result.image, folder, "image.png")
+        run.save(result.strip(), folder, "concepts.png", concepts=names)
+        labels = result.segment().numpy()
+        run.save(segment_overlay(result.image, labels, names), folder, "segments.png", concepts=names)
+        big = enlarge(result.image)
+        for i, (name, heat) in enumerate(result.as_dict().items()):
+            run.save(overlay(big, heat), folder, f"concepts/{i:02d}_{safe_name(name)}.png", concept=name)
+        run.finish(folder)
+    _report(run, out, quiet)
+
+
+@app.command("stable-flow")
+@_friendly_errors
+def stable_flow_command(
+        source: Annotated[str, typer.Argument(help="The source prompt (the image's caption with --image).",
+                                              show_default=False)],
+        to: Annotated[list[str], typer.Option(
+            "--to", "-t", help="An edited prompt (repeat the option for several edits).", show_default=False)],
+        image: Annotated[str | None, typer.Option(
+            help="Edit this real image (a file): nudged by 1.15, Euler-inverted at guidance 1.")] = None,
+        layers: Annotated[list[str] | None, typer.Option(
+            "--layer", "-l", help="A block to inject into, e.g. transformer_blocks.0 (repeat the option); default: "
+                                  "the vital layers, measured first on the source prompt.")] = None,
+        vital: Annotated[int | None, typer.Option(
+            help="Without --layer: how many vital blocks to inject into (default: the paper's share, 9 of 57).")]
+        = None,
+        model: Model = None, seed: Seed = 0, steps: Steps = None, guidance: Guidance = None,
+        height: Height = None, width: Width = None, device: Device = "auto", dtype: Dtype = "float32",
+        out: Out = Path("outputs/stable-flow"), quiet: Quiet = False, threads: Threads = None) -> None:
+    """Stable Flow (MM-DiT models): edit by injecting the source's image keys and values in the vital layers.
+    Writes grid.png (source and edits, each prompt under its image), 00_source.png, NN_edit.png per edit,
+    vital_layers.json (when measured) and record.json."""
+    targets = [_check_prompt(t, "an edited prompt") for t in to]
+    if not targets:
+        raise AttnkitError("no edited prompt: pass --to \"...\" at least once")
+    if vital is not None and vital < 1:
+        raise AttnkitError(f"--vital {vital}: give at least 1 block")
+    if vital is not None and layers:
+        raise AttnkitError("--vital chooses among measured vital layers; leave it out when you pass --layer")
+    model = _mmdit_model(model)
+    run = _Run.begin("stable-flow", source, model, device, dtype, threads, quiet, out, steps, guidance, height, width)
+    picture = None
+    if image is not None:
+        from attnkit.images import load_image
+
+        picture = load_image(image)
+        run.record["image"] = str(image)
+    with _staged_output(out) as folder:
+        pipe = run.load()
+        from attnkit.stable_flow import stable_flow_edit, vital_layers
+        from attnkit.viz import image_grid
+
+        chosen: Any = list(layers) if layers else None
+        if chosen is None:
+            start = time.perf_counter()
+            measured = vital_layers(pipe, [source], seeds=[seed], steps=steps, guidance=guidance, height=height,
+                                    width=width, progress=not quiet)
+            run.time("vital_layers", start)
+            chosen = measured.top(vital)
+            (folder / "vital_layers.json").write_text(json.dumps(measured.record(), indent=2) + "\n")
+            run.record["files"].append("vital_layers.json")
+        start = time.perf_counter()
+        result = stable_flow_edit(pipe, source, targets, layers=chosen, image=picture, seed=seed, steps=steps,
+                                  guidance=guidance, height=height, width=width, progress=not quiet)
+        run.time("edit", start)
+        run.record.update(seed=seed, targets=targets, layers=result.layers, height=result.source.height,
+                          width=result.source.width, **{k: v for k, v in result.settings.items()
+                                                        if k in ("steps", "guidance", "nudge", "crop")})
+        run.save(image_grid(result.images, result.prompts), folder, "grid.png")
+        run.save(result.source, folder, "00_source.png")
+        for i, edited in enumerate(result.edits, start=1):
+            run.save(edited, folder, f"{i:02d}_edit.png", target=targets[i - 1])
+        run.finish(folder)
+    _report(run, out, quiet)
+
+
+# -- rectified-flow inversion and FlowEdit (MM-DiT models) ------------------------------------------------------
+def _check_solver(solver: str) -> str:
+    from attnkit.flow_inversion import SOLVERS
+
+    if solver not in SOLVERS:
+        raise AttnkitError(f"--solver {solver}: use one of {', '.join(SOLVERS)}")
+    return solver
+
+
+def _save_edits(run: _Run, folder: Path, source: Any, edits: Sequence[Any], prompts: Sequence[str]) -> None:
+    from attnkit.viz import image_grid
+
+    run.save(image_grid([source, *edits], list(prompts)), folder, "grid.png")
+    for i, (edited, target) in enumerate(zip(edits, prompts[1:], strict=True), start=1):
+        run.save(edited, folder, f"{i:02d}_edit.png", target=target)
+
+
+@app.command("rf-invert")
+@_friendly_errors
+def rf_invert_command(
+        image: Annotated[str, typer.Argument(help="The image file to invert.", show_default=False)],
+        prompt: Annotated[str, typer.Option(help="A caption of the image (the source prompt).")],
+        to: Annotated[list[str] | None, typer.Option(
+            "--to", "-t", help="An edited prompt, regenerated from the inverted noise (repeat for several).",
+            show_default=False)] = None,
+        solver: Annotated[str, typer.Option(
+            help="fireflow (2nd order, 1 evaluation a step), rf-solver (2nd order, 2 a step) or euler.")]
+        = "fireflow",
+        guidance: Annotated[float, typer.Option(
+            help="Guidance of the inversion and the reconstruction (1: the conditional velocity alone).")] = 1.0,
+        edit_guidance: Annotated[float | None, typer.Option(
+            help="With --to: guidance of the edits (default: the inversion's).")] = None,
+        crop: CropOpt = "center", model: Model = None, steps: Steps = None, device: Device = "auto",
+        dtype: Dtype = "float32", out: Out = Path("outputs/rf-invert"), quiet: Quiet = False,
+        threads: Threads = None) -> None:
+    """Rectified-flow inversion (MM-DiT models): invert a real image to noise and regenerate it. Writes
+    inversion.safetensors + inversion.json (load with attnkit.FlowInversion.load), image.png (the fitted input),
+    reconstruction.png, with --to grid.png and NN_edit.png per edit, and record.json (reconstruction PSNR, model
+    evaluations)."""
+    _check_solver(solver)
+    if crop not in CROPS:
+        raise AttnkitError(f"--crop {crop}: use 'center' or 'stretch'")
+    targets = [_check_prompt(t, "an edited prompt") for t in to or []]
+    if edit_guidance is not None and not targets:
+        raise AttnkitError("--edit-guidance sets the guidance of --to edits: pass --to as well, or leave it out")
+    model = _mmdit_model(model)
+    run = _Run.begin("rf-invert", prompt, model, device, dtype, threads, quiet, out, steps, guidance)
+    if edit_guidance is not None:
+        _check_sampling(None, edit_guidance, None, None)
+    from attnkit.images import load_image, psnr
+
+    picture = load_image(image)  # a bad file fails before the model loads
+    run.record["image"] = str(image)
+    with _staged_output(out) as folder:
+        pipe = run.load()
+        from attnkit.flow_inversion import rf_edit, rf_invert, rf_reconstruct
+
+        start = time.perf_counter()
+        inv = rf_invert(pipe, picture, prompt, steps=steps, solver=solver, guidance=guidance, crop=crop,  # type: ignore[arg-type]
+                        progress=not quiet)
+        run.time("invert", start)
+        start = time.perf_counter()
+        rebuilt = rf_reconstruct(pipe, inv, progress=not quiet)
+        run.time("reconstruct", start)
+        run.record.update(solver=solver, steps=inv.steps, guidance=inv.guidance, crop=inv.crop.to_dict(),
+                          evaluations={"invert": inv.evaluations, "reconstruct": rebuilt.evaluations},
+                          psnr_reconstruction=round(psnr(inv.image, rebuilt.images[0]), 3))
+        inv.save(folder, overwrite=True)  # attnkit.FlowInversion.load(folder) reads it back
+        run.record["files"] += ["inversion.safetensors", "inversion.json", "image.png"]
+        run.save(rebuilt.images[0], folder, "reconstruction.png", solver=solver)
+        if targets:
+            start = time.perf_counter()
+            edited = rf_edit(pipe, inv, targets, guidance=edit_guidance, progress=not quiet)
+            run.time("edit", start)
+            run.record.update(targets=targets, edit_guidance=inv.guidance if edit_guidance is None else edit_guidance)
+            run.record["evaluations"]["edit"] = edited.evaluations
+            _save_edits(run, folder, inv.image, edited.edits, [prompt, *targets])
+        run.finish(folder)
+    _report(run, out, quiet)
+
+
+@app.command("flow-edit")
+@_friendly_errors
+def flow_edit_command(
+        image: Annotated[str, typer.Argument(help="The image file to edit.", show_default=False)],
+        source: Annotated[str, typer.Argument(help="A caption of the image (the source prompt).", show_default=False)],
+        to: Annotated[str, typer.Option("--to", "-t", help="The edited prompt.", show_default=False)],
+        n_max: Annotated[int | None, typer.Option(
+            help="Edit during the last N steps (default: the paper's share, 33 of 50 on SD3, 24 of 28 on FLUX).")]
+        = None,
+        n_min: Annotated[int, typer.Option(help="The last N steps sample the target plainly.")] = 0,
+        n_avg: Annotated[int, typer.Option(help="Noise draws averaged per step.")] = 1,
+        source_guidance: Annotated[float | None, typer.Option(
+            help="Guidance of the source velocity (default: the paper's, 3.5 on SD3, 1.5 on FLUX).")] = None,
+        target_guidance: Annotated[float | None, typer.Option(
+            help="Guidance of the target velocity (default: the paper's, 13.5 on SD3, 5.5 on FLUX).")] = None,
+        crop: CropOpt = "center", model: Model = None, seed: Seed = 0, steps: Steps = None, device: Device = "auto",
+        dtype: Dtype = "float32", out: Out = Path("outputs/flow-edit"), quiet: Quiet = False,
+        threads: Threads = None) -> None:
+    """FlowEdit (MM-DiT models): edit a real image without inverting it. Writes image.png (the fitted input),
+    01_edit.png, grid.png and record.json."""
+    target = _check_prompt(to, "the edited prompt")
+    if crop not in CROPS:
+        raise AttnkitError(f"--crop {crop}: use 'center' or 'stretch'")
+    if n_min < 0:
+        raise AttnkitError(f"--n-min {n_min}: give a whole number of steps >= 0")
+    if n_avg < 1:
+        raise AttnkitError(f"--n-avg {n_avg}: average at least 1 noise draw per step")
+    for value, option in ((source_guidance, "--source-guidance"), (target_guidance, "--target-guidance")):
+        if value is not None:
+            _finite(value, option)
+    model = _mmdit_model(model)
+    run = _Run.begin("flow-edit", source, model, device, dtype, threads, quiet, out, steps)
+    from attnkit.images import load_image
+
+    picture = load_image(image)
+    run.record["image"] = str(image)
+    with _staged_output(out) as folder:
+        pipe = run.load()
+        from attnkit.flow_edit import flow_edit
+
+        start = time.perf_counter()
+        result = flow_edit(pipe, picture, source, target, steps=steps, n_max=n_max, n_min=n_min, n_avg=n_avg,
+                           source_guidance=source_guidance, target_guidance=target_guidance, seed=seed, crop=crop,
+                           progress=not quiet)
+        run.time("edit", start)
+        settings = result.record()
+        run.record.update(seed=seed, steps=settings["steps"], targets=[target], crop=settings["crop"],
+                          evaluations=result.evaluations,
+                          **{k: settings[k] for k in ("n_max", "n_min", "n_avg", "source_guidance",
+                                                      "target_guidance")})
+        run.save(result.source, folder, "image.png")
+        _save_edits(run, folder, result.source, [result.image], [source, target])
         run.finish(folder)
     _report(run, out, quiet)
 

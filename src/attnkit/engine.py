@@ -141,6 +141,39 @@ class TokenLayout:
 
 
 @dataclass
+class ExtraTokens:
+    """Extra text-stream tokens at one joint double-stream layer (see :meth:`Controller.extra_text_tokens`):
+    their queries, keys and values ``(batch, heads, tokens, head_dim)`` after the layer's text projections and
+    norms, and their attention ``output`` over ``[themselves; the layer's image tokens]``."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+
+
+class Positions:
+    """How one layer's attention sees the positions of its image tokens, for controllers that move tokens (e.g.
+    Style Aligned's reference keys placed beside the image, as AlignedGen does on FLUX). The adapter sets
+    ``AttentionCall.positions`` where queries and keys carry positions of their own (FLUX's rotary embedding);
+    it is None where attention sees none (UNet and SD3 layers: positions live in the hidden states, so tokens
+    cannot collide). Tensors are ``(batch, heads, tokens, head_dim)`` image queries or keys of the call.
+    """
+
+    def shift(self, x: torch.Tensor, rows: int = 0, cols: int = 0) -> torch.Tensor:
+        """``x`` as if every token sat ``rows`` rows and ``cols`` columns further on the image-token grid."""
+        raise NotImplementedError
+
+    def remove(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the tokens' own positions taken out (the queries/keys as they were before them)."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the tokens' own positions put in (the inverse of :meth:`remove`)."""
+        raise NotImplementedError
+
+
+@dataclass
 class AttentionCall:
     """Everything a controller sees at one attention call (one view of a joint layer).
 
@@ -149,7 +182,9 @@ class AttentionCall:
     ``probs()`` materialises ``softmax(q kᵀ · scale)`` on demand; on a joint layer that is the layer's own
     block renormalised over the view's keys (the image × text block over the text columns, the image × image
     block over the image columns). ``tokens`` (joint layers only) says where the view's tokens sit in the joint
-    sequence.
+    sequence. ``positions`` (:class:`Positions`) is set where the layer's queries and keys carry token positions
+    of their own (FLUX's RoPE). ``output`` (``(batch, heads, queries, head_dim)``, the image queries' attention output before the
+    output projection) and ``extra`` are set after the layer's attention ran, for :meth:`Controller.observe_output`.
     """
 
     layer: LayerInfo
@@ -165,6 +200,9 @@ class AttentionCall:
     mask: torch.Tensor | None = None
     edited: torch.Tensor | None = None
     tokens: TokenLayout | None = None
+    output: torch.Tensor | None = None
+    extra: ExtraTokens | None = None
+    positions: Positions | None = None
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -219,6 +257,32 @@ class Controller:
         """Read-only look at a call (e.g. store ``call.probs(rows)``). Reading never changes the output:
         layers no controller edits keep the fused path, the maps being computed on the side."""
 
+    def edit_output(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+        """Rewrite a UNet layer's attention output ``(batch, heads, queries, head_dim)`` (before the output
+        projection); return a new tensor (never edit in place). For edits of a few rows that need those rows'
+        own probabilities (cross-image attention's contrast on the output row): computing them for those rows
+        only keeps the rest of the batch on the fused path, where :meth:`wants_probs` would materialise every
+        row's. Runs after the fused or probability path and before :meth:`observe_output`; UNet layers only."""
+        return output
+
+    def observe_output(self, call: AttentionCall) -> None:
+        """Read-only look at a call after its attention ran: ``call.output`` holds the image queries' attention
+        output ``(batch, heads, queries, head_dim)`` before the output projection (one tensor for both views of
+        a joint layer), ``call.extra`` the extra text-stream tokens' (:class:`ExtraTokens`) where there are any."""
+
+    def extra_text_tokens(self, ctl: Control) -> torch.Tensor | None:
+        """Extra tokens ``(n, dim)`` in the space of the pipeline's prompt embeddings (what the denoiser takes as
+        ``encoder_hidden_states``) that ride along the text stream of a joint model's double-stream blocks.
+
+        Called once when the block starts. They pass through the text weights of every double-stream block
+        (input projection, modulated norms, q/k/v projections and norms, output projection, feed-forward) and
+        attend to ``[themselves; the image tokens]`` (no positional rotation: FLUX's text position 0); no image
+        or text token attends to them, so the image is unchanged. Their per-layer attention reaches
+        :meth:`observe_output` as ``call.extra``. Single-stream blocks never see them. Joint families only (a
+        UNet has no text stream): ConceptAttention's concept tokens are the use.
+        """
+        return None
+
     def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """After each denoising step: return replacements for ``tensors`` (e.g. blended ``latents``). Latents
         are always an image grid ``(batch, channels, h, w)``: FLUX's packed latents are unpacked for the
@@ -260,6 +324,7 @@ class _StepState:
     grid: tuple[int, int] | None = None  # the image-token grid of a transformer call
     text_len: int = 0  # text tokens of a transformer call
     passthrough: bool = False  # this denoiser call runs stock attention (FLUX's negative-prompt pass)
+    extra_tokens: int = 0  # extra text-stream tokens riding the double-stream blocks (Controller.extra_text_tokens)
     last_timesteps: Any = None
     last_step: int | None = None
 
@@ -282,6 +347,7 @@ class Control:
         self.state = _StepState()
         self._saved: dict[str, Any] | None = None
         self._hook: Any = None
+        self._stream_hooks: list[Any] = []
         self._entered: list[Controller] = []
         self._signature = inspect.signature(self.model.forward)
 
@@ -348,6 +414,18 @@ class Control:
         for c in self.controllers:
             c.on_enter(self)
             self._entered.append(c)
+        extra = [(c, t) for c, t in ((c, c.extra_text_tokens(self)) for c in self.controllers) if t is not None]
+        if len(extra) > 1:
+            names = ", ".join(type(c).__name__ for c, _ in extra)
+            raise AttnkitError(f"{names} each add text-stream tokens; one control block carries one set: run them "
+                               "in separate blocks")
+        if extra:
+            tokens = extra[0][1]
+            if tokens.ndim != 2 or tokens.shape[0] == 0:
+                raise AttnkitError(f"extra text-stream tokens must be (tokens, dim) with at least one token, got "
+                                   f"shape {tuple(tokens.shape)}")
+            self._stream_hooks = self.adapter.add_text_tokens(tokens)
+            self.state.extra_tokens = int(tokens.shape[0])
 
     def _restore(self) -> None:
         try:
@@ -355,6 +433,10 @@ class Control:
                 c.on_exit(self)
         finally:
             self._entered = []
+            for handle in self._stream_hooks:
+                handle.remove()
+            self._stream_hooks = []
+            self.state.extra_tokens = 0
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
@@ -432,8 +514,11 @@ def _step_from_timestep(pipe: Any, timestep: Any, scale: float = 1.0) -> tuple[i
     known = timesteps.to(torch.float64)
     gaps = (known - t).abs()
     index = int(gaps.argmin()) if len(known) else 0
-    # Exact for integer timesteps; FLUX passes t / 1000 in the model's dtype, so allow its rounding.
-    tolerance = 0.0 if scale == 1.0 else 1e-3 * max(1.0, float(t.abs()))
+    # Exact for integer timesteps; FLUX passes t / 1000 in the model's dtype, so allow its rounding (bfloat16
+    # keeps 8 bits: up to 0.4% of t).
+    given = torch.as_tensor(timestep)
+    rounding = max(1e-3, torch.finfo(given.dtype).eps) if given.is_floating_point() else 1e-3
+    tolerance = 0.0 if scale == 1.0 else rounding * max(1.0, float(t.abs()))
     if len(known) == 0 or float(gaps[index]) > tolerance:
         raise AttnkitError(f"timestep {float(t)} is not in pipe.scheduler.timesteps; in a custom loop call "
                            "ctl.set_step(i, num_steps) before each denoiser call")

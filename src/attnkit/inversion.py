@@ -22,11 +22,8 @@ out here for both directions and for epsilon-, v- and sample-prediction models.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +35,7 @@ from PIL import Image
 
 from attnkit.engine import AttnkitError, Control, Controller
 from attnkit.images import Crop, CropMode, fit_image, image_to_tensor, load_image
+from attnkit.inversion_files import read_folder, write_folder
 from attnkit.sampling import decode_latents, generate, normalize_prompts, vae_precision
 from attnkit.tokens import check_prompt_length
 
@@ -48,7 +46,6 @@ VERSION = 1
 REAL_IMAGE_SELF_STEPS = 0.5  # self-attention replacement of real-image edits (null-text notebook)
 REAL_IMAGE_SELF_RES = 32  # ...on grids of up to 32x32 query pixels (the notebook's 32 ** 2; generated: 16 ** 2)
 INVERSION_GUIDANCE = 7.5  # the null-text paper's guidance: the default of every inversion, whatever the model
-TENSORS_FILE, RECORD_FILE, IMAGE_FILE = "inversion.safetensors", "inversion.json", "image.png"
 
 
 @dataclass(frozen=True)
@@ -213,7 +210,8 @@ def encode_image(pipe: Any, image: Image.Image | torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
         std = torch.tensor(std).view(1, -1, 1, 1).to(z)
         return (z - mean) * vae.config.scaling_factor / std
-    return z * vae.config.scaling_factor
+    # SD3 and FLUX autoencoders shift their latents too (decode_latents adds shift_factor back); SD's have none
+    return (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
@@ -434,54 +432,19 @@ class Inversion:
 
         Files are written to a temporary folder first and moved in at the end, so a failure leaves nothing
         partial behind. ``inv.save("out/photo")``"""
-        from safetensors.torch import save_file
-
-        target = Path(directory)
-        if (target / RECORD_FILE).exists() and not overwrite:
-            raise AttnkitError(f"{target} already holds an inversion: pass overwrite=True or another folder")
-        if target.exists() and not target.is_dir():
-            raise AttnkitError(f"{target} exists and is not a folder: pass a folder path")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            tensors = {"latents": self.latents}
-            if self.uncond_embeddings is not None:
-                tensors["uncond_embeddings"] = self.uncond_embeddings
-            if self.uncond_pooled is not None:
-                tensors["uncond_pooled"] = self.uncond_pooled
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                      str(staging / TENSORS_FILE))
-            (staging / RECORD_FILE).write_text(json.dumps(self.record(), indent=2))
-            if self.image is not None:
-                self.image.save(staging / IMAGE_FILE)
-            if not target.exists():
-                os.replace(staging, target)
-            else:
-                for item in staging.iterdir():
-                    os.replace(item, target / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        tensors = {"latents": self.latents}
+        if self.uncond_embeddings is not None:
+            tensors["uncond_embeddings"] = self.uncond_embeddings
+        if self.uncond_pooled is not None:
+            tensors["uncond_pooled"] = self.uncond_pooled
+        return write_folder(directory, tensors, self.record(), self.image, overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Inversion:
         """Read an inversion written by :meth:`save`. ``inv = Inversion.load("out/photo")``"""
-        from safetensors.torch import load_file
-
-        source = Path(directory)
-        for name in (RECORD_FILE, TENSORS_FILE):
-            if not (source / name).is_file():
-                raise AttnkitError(f"{source} is not an attnkit inversion folder (no {name}): pass the folder "
-                                   "written by Inversion.save or `attnkit invert --out`")
-        try:
-            data = json.loads((source / RECORD_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise AttnkitError(f"{source / RECORD_FILE} is not valid JSON ({error})") from error
-        if data.get("format") != FORMAT or int(data.get("version", 0)) > VERSION:
-            raise AttnkitError(f"{source / RECORD_FILE} is not an attnkit inversion record of version "
-                               f"<= {VERSION}: re-run the inversion with this attnkit")
-        tensors = load_file(str(source / TENSORS_FILE))
-        image = Image.open(source / IMAGE_FILE).convert("RGB") if (source / IMAGE_FILE).is_file() else None
+        data, tensors, image = read_folder(directory, FORMAT, VERSION, "Inversion.save or `attnkit invert --out`",
+                                           "re-run the inversion with this attnkit (a rectified-flow inversion "
+                                           "loads with attnkit.FlowInversion.load)")
         return cls(method=data["method"], prompt=data["prompt"], latents=tensors["latents"],
                    timesteps=[int(t) for t in data["timesteps"]], guidance=float(data["guidance"]),
                    crop=Crop.from_dict(data["crop"]), prediction_type=data["prediction_type"],

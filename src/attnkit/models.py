@@ -22,6 +22,8 @@ from attnkit.threads import apply_threads
 
 DEFAULTS_FILE = "attnkit.json"
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "model"
+# The bundled MM-DiT model (StableDiffusion3Pipeline), load_pipeline("bundled-mmdit"); bundled/train_mmdit.py
+BUNDLED_MMDIT = Path(__file__).resolve().parent / "bundled" / "mmdit"
 
 _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -42,9 +44,20 @@ class ModelDefaults:
     # Null-text inversion's Adam learning rate at step 0: the paper's 1e-2 for Stable Diffusion; a model may
     # need another one (the bundled model measured +13 dB over DDIM at 0.1 against +8 dB at 0.01).
     null_text_lr: float = 1e-2
+    # Style Aligned's GroupNorm sharing where a model needs its own choice (None: the official notebooks' rule,
+    # on for SD1.x/2.x, off for SDXL). The bundled model: off, its 4x4 and 8x8 GroupNorm statistics carry the
+    # layout, and sharing them cost the targets their prompted shapes (benchmarks/shared_attention.py, README).
+    style_group_norm: bool | None = None
+    # Edit-friendly DDPM inversion's guidance in attnkit.transfer: None is the paper's 3.5 (Stable Diffusion).
+    # The transfer samples every row without text guidance, so a model whose sampling guidance is low may need
+    # its inputs inverted at 1 to be rebuilt at all (the bundled model: benchmarks/transfer.py).
+    ddpm_inversion_guidance: float | None = None
     # The words a model was trained on, where it knows only a few (the bundled model): prompts with other words
     # get a warning naming them. None: any word (CLIP-based Stable Diffusion models).
     vocabulary: tuple[str, ...] | None = None
+    # SD3 without T5: how many zero "T5" embeddings the pipeline appends (its own default 256; the bundled
+    # MM-DiT model samples with 0, 2-3x faster, and was trained on both). None: the pipeline's default.
+    max_sequence_length: int | None = None
 
 
 def _model_folder(pipe: Any) -> Path | None:
@@ -129,6 +142,17 @@ def bundled_model_path() -> Path:
     return BUNDLED_MODEL
 
 
+def bundled_mmdit_path() -> Path:
+    """The folder of the bundled MM-DiT (SD3) model, ``load_pipeline("bundled-mmdit")``; a clear error when it
+    is not there."""
+    if not (BUNDLED_MMDIT / "model_index.json").is_file():
+        raise AttnkitError(
+            f"the bundled MM-DiT model is missing ({BUNDLED_MMDIT} has no model_index.json): reinstall attnkit, "
+            "train it with `attnkit train-bundled --family mmdit`, or pass an SD3/FLUX pipeline folder or hub id"
+        )
+    return BUNDLED_MMDIT
+
+
 def parse_dtype(dtype: Any) -> Any:
     """A ``torch.dtype`` from a dtype or a name ("float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16");
     None stays None. ``parse_dtype("fp16") is torch.float16``"""
@@ -167,7 +191,8 @@ def _folder_kwargs(folder: Path) -> dict[str, Any]:
     if "safety_checker" in index and not (folder / "safety_checker").is_dir():
         # The folder was saved without a checker; tell the pipeline so, instead of warning about it.
         return {"safety_checker": None, "requires_safety_checker": False}
-    return {}
+    # SD3 saved without T5 (null entries): from_pretrained wants the absent encoder passed as None
+    return {name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [0])[0] is None}
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -191,9 +216,9 @@ def load_pipeline(
 ) -> Any:
     """Load a diffusers text-to-image pipeline (SD1.x, SD2.x, SDXL) for use with attnkit.
 
-    ``name_or_path``: None (the bundled model), a local pipeline folder (loaded offline), a Hugging Face hub id,
-    or an existing pipeline object (moved to ``dtype``/``device`` where given). Weights load from safetensors
-    only and no remote code runs. ``dtype`` takes torch dtypes or names ("fp16", "bfloat16", ...).
+    ``name_or_path``: None (the bundled model), ``"bundled-mmdit"`` (the bundled SD3 model), a local pipeline
+    folder (loaded offline), a Hugging Face hub id, or an existing pipeline object (moved to ``dtype``/``device``
+    where given). Weights load from safetensors only and no remote code runs. ``dtype`` takes torch dtypes or names ("fp16", "bfloat16", ...).
     ``local_files_only=True`` makes a hub id load from the local hub cache only (as ``HF_HUB_OFFLINE=1`` does).
 
         pipe = attnkit.load_pipeline("stabilityai/stable-diffusion-2-1-base", dtype="fp16", device="cuda")
@@ -208,7 +233,12 @@ def load_pipeline(
 
     from diffusers import DiffusionPipeline
 
-    folder = bundled_model_path() if name_or_path is None else Path(name_or_path).expanduser()
+    if name_or_path is None:
+        folder = bundled_model_path()
+    elif name_or_path == "bundled-mmdit":
+        folder = bundled_mmdit_path()
+    else:
+        folder = Path(name_or_path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if find_spec("accelerate") is None:
         # what diffusers falls back to anyway, said explicitly so that it does not print five lines about it;

@@ -122,6 +122,8 @@ def generate(pipe: Any, prompts: str | list[str], *controllers: Controller, seed
     guidance = check_guidance(defaults.guidance_scale if guidance is None else guidance)
     height = check_size(defaults.height if height is None else height, "height", factor)
     width = check_size(defaults.width if width is None else width, "width", factor)
+    if defaults.max_sequence_length is not None:  # the bundled MM-DiT model: sampled without zero T5 tokens
+        pipe_kwargs.setdefault("max_sequence_length", defaults.max_sequence_length)
     warn_unknown_words(pipe, prompts)
     apply_threads()
     if latents is None:

@@ -11,7 +11,8 @@ batch gives it, and every other prompt is a target that attends to its keys and 
 (:mod:`attnkit.controllers.shared`). ``reference=`` takes a real image instead (a path, a PIL image or an
 :class:`attnkit.Inversion`; the first prompt is then its caption): it is DDIM-inverted and the reference row is
 put back on the inversion trajectory after every step (:class:`FollowTrajectory`), as the official Style Aligned
-and MasaCtrl code do. That needs a DDIM scheduler (``attnkit.inversion.use_ddim(pipe)``).
+and MasaCtrl code do. On a UNet that needs a DDIM scheduler (``attnkit.inversion.use_ddim(pipe)``); on SD3/FLUX
+the reference is inverted by :func:`attnkit.rf_invert` (Euler, the pipeline's own sampler and schedule).
 
 Each call composes with other controllers (``controllers=[store, Reweight(...)]``), which run after the shared
 attention: an :class:`attnkit.AttentionStore` records the maps of every image, a Prompt-to-Prompt edit acts on
@@ -138,11 +139,21 @@ def _load_reference(pipe: Any, reference: Any) -> Any:
     from attnkit.images import load_image
     from attnkit.inversion import Inversion
 
+    if _is_flow(pipe):  # SD3/FLUX: rectified-flow inversion on the pipeline's own schedule, no DDIM needed
+        from attnkit.flow_inversion import FlowInversion
+
+        return reference if isinstance(reference, FlowInversion) else load_image(reference)
     if not isinstance(pipe.scheduler, DDIMScheduler):
         raise AttnkitError(f"a real reference image is put back on its DDIM inversion trajectory, which needs a DDIM "
                            f"scheduler; the pipeline has {type(pipe.scheduler).__name__}: call "
                            "attnkit.inversion.use_ddim(pipe) first")
     return reference if isinstance(reference, Inversion) else load_image(reference)
+
+
+def _is_flow(pipe: Any) -> bool:
+    from attnkit.adapters import adapter_for
+
+    return adapter_for(pipe).family != "unet"
 
 
 def _run(pipe: Any, prompts: list[str], shared: SharedAttention, controllers: Sequence[Controller], *,
@@ -158,24 +169,38 @@ def _run(pipe: Any, prompts: list[str], shared: SharedAttention, controllers: Se
     latents = None
     if source is not None:
         refs = list(shared.references)
-        inversion = source if isinstance(source, Inversion) else invert(
-            pipe, source, prompts[refs[0]], method="ddim", steps=steps, inversion_guidance=inversion_guidance,
-            progress=progress)
-        inversion.check_pipeline(pipe)
+        if _is_flow(pipe):
+            from attnkit.flow_inversion import FlowInversion, rf_invert
+
+            # The pipeline samples with Euler, so the reference follows an Euler inversion on the same schedule.
+            inversion = source if isinstance(source, FlowInversion) else rf_invert(
+                pipe, source, prompts[refs[0]], steps=steps, solver="euler", guidance=inversion_guidance,
+                progress=progress)
+            start = inversion.noise
+        else:
+            inversion = source if isinstance(source, Inversion) else invert(
+                pipe, source, prompts[refs[0]], method="ddim", steps=steps, inversion_guidance=inversion_guidance,
+                progress=progress)
+            inversion.check_pipeline(pipe)
+            start = inversion.start_latents
         if steps is not None and steps != inversion.steps:
             raise AttnkitError(f"steps={steps} but the inversion has {inversion.steps}: leave steps out")
         steps = inversion.steps
         width, height = inversion.size
-        extra.append(FollowTrajectory(inversion.latents.to(pipe.unet.device), rows=refs))
+        from attnkit.adapters import adapter_for
+
+        adapter = adapter_for(pipe)
+        extra.append(FollowTrajectory(inversion.latents.to(adapter.model.device), rows=refs))
         latents = _noise(pipe, len(prompts), seed, shared_noise, height, width)
-        latents[refs] = inversion.start_latents.to(latents).expand(len(refs), -1, -1, -1)
+        start = adapter.pack_noise(start.to(latents.device, torch.float32)).to(latents)  # FLUX: packed patches
+        latents[refs] = start.expand(len(refs), *start.shape[1:])
     gen = generate(pipe, prompts, *extra, shared, *controllers, seed=seed, steps=steps, guidance=guidance,
                    height=height, width=width, latents=latents, shared_noise=shared_noise, progress=progress)
     record = {"method": method, "seed": seed, "steps": gen.steps, "guidance": gen.guidance, "height": gen.height,
               "width": gen.width, "shared_noise": shared_noise, **settings,
               "real_reference": inversion is not None, "seconds": round(gen.seconds, 3)}
     if inversion is not None:
-        record["inversion_guidance"] = inversion.inversion_guidance
+        record["inversion_guidance"] = getattr(inversion, "inversion_guidance", getattr(inversion, "guidance", None))
     return SharedResult(images=gen.images, prompts=prompts, references=list(shared.references),
                         latents=gen.latents, settings=record, generation=gen, inversion=inversion)
 
@@ -194,6 +219,7 @@ def style_aligned(pipe: Any, prompts: Sequence[str], *, style: str | None = None
                   reference: Any = None, scale: float = 1.0, shift: float = 0.0, adain_queries: bool = True,
                   adain_keys: bool = True, adain_values: bool = False, share_group_norm: bool | None = None,
                   only_self_level: float = 0.0, layers: Sequence[int | str] | None = None, share_steps: Steps = None,
+                  places: Sequence[str] = ("down", "mid", "up"), shift_positions: bool = True,
                   references: int | Sequence[int] = (0,), steps: int | None = None, guidance: float | None = None,
                   height: int | None = None, width: int | None = None,
                   inversion_guidance: float = STYLE_INVERSION_GUIDANCE, controllers: Sequence[Controller] = (),
@@ -209,19 +235,28 @@ def style_aligned(pipe: Any, prompts: Sequence[str], *, style: str | None = None
     transfer notebook's 2) and followed along its trajectory; the transfer notebook pairs it with
     ``shift=math.log(2)``. ``scale``/``shift``: score scale and log-shift on the reference's columns;
     ``adain_*``: which of queries/keys/values are normalised to the reference's statistics;
-    ``share_group_norm`` (None: on for SD1.x/2.x, off for SDXL); ``only_self_level`` (fraction of layers left
-    unshared, the official rule) or ``layers`` (explicit); ``share_steps``: the steps that share (default all).
+    ``share_group_norm`` (None: the model's ``style_group_norm`` where its ``attnkit.json`` sets one, as the
+    bundled model's does (off, measured), else the official notebooks' rule: on for SD1.x/2.x, off for SDXL);
+    ``only_self_level`` (fraction of layers left unshared, the official rule) or ``layers`` (explicit); ``share_steps``: the steps that share (default all).
+    On MM-DiT pipelines (SD3, FLUX) the joint layers' image blocks share; ``places=("single",)`` keeps sharing to
+    FLUX's single-stream blocks (AlignedGen's choice) and ``shift_positions`` moves the reference's RoPE
+    positions beside the image so its keys do not collide with the targets' (FLUX).
     """
     prompt_list = _prompts(prompts, "style_aligned", style)
+    if share_group_norm is None:  # the model's own choice where its attnkit.json makes one (the bundled model)
+        share_group_norm = defaults_for(pipe).style_group_norm
     shared = StyleAligned(references, scale=scale, shift=shift, adain_queries=adain_queries,
                           adain_keys=adain_keys, adain_values=adain_values, share_group_norm=share_group_norm,
-                          only_self_level=only_self_level, layers=layers, steps=share_steps)
-    if share_group_norm is None:
-        share_group_norm = getattr(pipe.unet.config, "addition_embed_type", None) != "text_time"
+                          only_self_level=only_self_level, layers=layers, steps=share_steps, places=places,
+                          shift_positions=shift_positions)
+    if share_group_norm is None:  # on for SD1.x/2.x, off for SDXL; MM-DiT transformers have no group norms
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        share_group_norm = (getattr(getattr(denoiser, "config", None), "addition_embed_type", None) != "text_time"
+                            and any(isinstance(m, torch.nn.GroupNorm) for m in denoiser.modules()))
     settings = {"style": style, "scale": scale, "shift": shift, "adain_queries": adain_queries,
                 "adain_keys": adain_keys, "adain_values": adain_values, "share_group_norm": share_group_norm,
                 "only_self_level": only_self_level, "layers": list(layers) if layers is not None else None,
-                "share_steps": share_steps}
+                "share_steps": share_steps, "places": list(places), "shift_positions": shift_positions}
     return _run(pipe, prompt_list, shared, controllers, method="style_aligned", seed=seed, shared_noise=False,
                 reference=reference, inversion_guidance=inversion_guidance, steps=steps, guidance=guidance,
                 height=height, width=width, progress=progress, settings=settings)

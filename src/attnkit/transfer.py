@@ -164,7 +164,7 @@ def _prepare(pipe: Any, role: str, source: Any, kind: str, caption: str, steps: 
     elif kind == "prompt":
         trajectory = ddpm_generate(pipe, source, steps=steps, seed=seed, progress=progress)
     elif inversion == "ddpm":
-        guidance = DDPM_INVERSION_GUIDANCE if inversion_guidance is None else inversion_guidance
+        guidance = ddpm_inversion_guidance(pipe) if inversion_guidance is None else inversion_guidance
         trajectory = ddpm_invert(pipe, source, caption, steps=steps, guidance=guidance, seed=seed,
                                  crop=crop, progress=progress)  # type: ignore[arg-type]
     else:
@@ -179,6 +179,15 @@ def _prepare(pipe: Any, role: str, source: Any, kind: str, caption: str, steps: 
         raise AttnkitError(f"the {role} was inverted with {trajectory.steps} steps and the transfer runs "
                            f"{steps}: pass steps={trajectory.steps}")
     return trajectory
+
+
+def ddpm_inversion_guidance(pipe: Any) -> float:
+    """The guidance real inputs are DDPM-inverted with by default: the model's ``ddpm_inversion_guidance``
+    (``attnkit.json``) where it sets one, else the paper's 3.5. ``ddpm_inversion_guidance(pipe)``"""
+    from attnkit.models import defaults_for
+
+    value = defaults_for(pipe).ddpm_inversion_guidance
+    return DDPM_INVERSION_GUIDANCE if value is None else float(value)
 
 
 # -- masks --------------------------------------------------------------------------------------------------------
@@ -329,7 +338,8 @@ def transfer(pipe: Any, structure: Any, appearance: Any, prompt: str | None = No
     (see :func:`input_kind`). ``prompt`` conditions the output; real images are inverted with
     ``structure_prompt``/``appearance_prompt`` (default: ``prompt``, as the official code, which uses one prompt
     for all three rows) and each input row keeps its own prompt. ``inversion``: ``"ddpm"`` (edit-friendly, the
-    paper's, guidance ``inversion_guidance`` = 3.5) or ``"ddim"`` (:func:`attnkit.invert`, guidance 1).
+    paper's, guidance ``inversion_guidance``: the paper's 3.5, or the model's own ``ddpm_inversion_guidance`` from
+    its ``attnkit.json``, see :func:`ddpm_inversion_guidance`) or ``"ddim"`` (:func:`attnkit.invert`, guidance 1).
 
     Schedule: ``steps`` timesteps (official 100), the first ``skip`` skipped (official 32; a float is a fraction);
     windows are fractions of the remaining loop (official: 68 steps). ``contrast`` β (1: off);
@@ -444,7 +454,9 @@ def transfer(pipe: Any, structure: Any, appearance: Any, prompt: str | None = No
               for role, traj in trajectories.items()}
     settings = {
         "rows": list(ROWS if _plain_row(swap_guidance) else ROWS[:3]), "steps": steps, "skip": skip_count,
-        "loop_steps": loop, "inversion": inversion, "kinds": kinds, "follow_inputs": follow,
+        "loop_steps": loop, "inversion": inversion,
+        "inversion_guidance": inversion_guidance if inversion_guidance is not None
+        else ddpm_inversion_guidance(pipe) if inversion == "ddpm" else 1.0, "kinds": kinds, "follow_inputs": follow,
         "contrast": contrast, "swap_guidance": swap_guidance, "grids": None if grids is None else list(grids),
         "grid_steps": [None if w is None else list(w) for w in swap.grid_steps], "adain": adain,
         "adain_steps": None if adain_steps is None else list(adain_steps),

@@ -242,6 +242,27 @@ def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws):
         friendly(run_style)(ws, None, *consistent[:1], "a red circle\na blue square", *consistent[2:])
 
 
+def test_style_tab_runs_masactrl_edits_from_the_first_prompt(ws):
+    from attnkit.app.tabs.style import run_style
+
+    masa = ["MasaCtrl (edit)", "a red circle\na red square\na red diamond", "ignored", 0.5, 1.0, False, "off", 0,
+            "ignored", 0.5, 2, 2, 7.5, 1, 0.5, "red"]
+    grid, files, cli, _ = run_style(ws, None, *masa)
+    names = [Path(f).name for f in files]
+    assert names == ["grid.png", "00_source.png", "01_square.png", "02_diamond.png", "record.json"]
+    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    assert record["command"] == "mutual-edit" and record["prompts"] == masa[1].splitlines()
+    assert (record["start_step"], record["start_layer"], record["mask_words"]) == (1, 0.5, "red")
+    assert cli.startswith("attnkit mutual-edit 'a red circle' --to 'a red square' --to 'a red diamond'")
+    assert "--mask-word red" in cli and "--style" not in cli and "--shift" not in cli
+    source = Image.open(next(f for f in files if f.endswith("00_source.png")))
+    assert grid.width >= 3 * source.width
+    with pytest.raises(gr.Error, match="at least 2 prompts"):
+        friendly(run_style)(ws, None, masa[0], "a red circle", *masa[2:])
+    with pytest.raises(gr.Error, match="not a word of the prompt 'a red square'"):
+        friendly(run_style)(ws, None, *masa[:-1], "circle")
+
+
 def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_run(ws):
     from attnkit.app.tabs.transfer import run_transfer
 

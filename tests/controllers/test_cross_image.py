@@ -175,6 +175,42 @@ def test_layer_output_matches_a_plain_torch_oracle(pipe):
     assert torch.allclose(seen["out"], expected, atol=1e-5)
 
 
+class Observer(Controller):
+    """Reads every self-attention map (as a store does), which puts the contrast on the probability path."""
+
+    def __init__(self):
+        self.maps = []
+
+    def observe(self, call):
+        if not call.is_cross and call.layer.place == "up":
+            self.maps.append(call.probs(slice(0, 1)).clone())
+
+
+def test_rowwise_contrast_equals_the_probability_path(pipe):
+    """Alone, the contrast is made for the output row only (no controller asks for every row's probabilities);
+    beside a controller that reads maps it takes the probability path. Both give the same UNet output, and the
+    reader sees the contrasted maps."""
+    x = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    for cfg in (False, True):
+        layout, rows = Layout(prompts=4, cfg=cfg), x if cfg else x[:4]
+        alone, beside, reader = CrossImageAttention(), CrossImageAttention(), Observer()
+        with control(pipe, alone, layout=layout) as ctl:
+            ctl.set_step(30, PAPER_LOOP)
+            rowwise = _unet(pipe, rows)
+            assert alone._rowwise
+        with control(pipe, beside, reader, layout=layout) as ctl:
+            ctl.set_step(30, PAPER_LOOP)
+            explicit = _unet(pipe, rows)
+            assert not beside._rowwise
+        assert alone.swapped_calls == beside.swapped_calls == 4
+        assert torch.allclose(rowwise, explicit, atol=1e-5)
+        assert len(reader.maps) == 4 and all(float(m.min()) == 0.0 for m in reader.maps)  # clipped: contrasted
+    with control(pipe, CrossImageAttention(contrast=1.0), layout=Layout(prompts=4, cfg=False)) as ctl:
+        ctl.set_step(30, PAPER_LOOP)
+        plain_swap = _unet(pipe, x[:4])
+    assert not torch.allclose(plain_swap[0], explicit[0], atol=1e-4)  # the contrast does change the output row
+
+
 def test_both_halves_swap_within_themselves_under_guidance(pipe):
     before, after = Spy(), Spy()
     x = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(2))

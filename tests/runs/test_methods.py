@@ -76,6 +76,9 @@ JOBS = {
               "only_self_level": 0.25},
     "consistent": {"method": "consistent", "prompts": ["a red circle", "a circle on a black background"],
                    "subject": "circle", "mask_dropout": 0.3, "seed": 6, "steps": 2},
+    "mutual-edit": {"method": "mutual-edit", "source": "a red circle", "targets": ["a red square", "a red diamond"],
+                    "start_step": 1, "start_layer": 0.5, "mask_words": ["red"], "mask_threshold": 0.2, "seed": 2,
+                    "steps": 2},
     "transfer": {"method": "transfer", "structure": "a red circle", "appearance": "a blue square",
                  "prompt": "a red circle", "seed": 7, "steps": 1, "contrast": 1.5, "swap_guidance": 2.0,
                  "masks": "attention", "object_words": ["circle", "square"]},
@@ -223,6 +226,21 @@ def test_style_with_a_real_reference_equals_its_cli_command_and_gives_the_schedu
         assert np.array_equal(pixels(tmp_path / "run" / png), pixels(tmp_path / "cli" / png)), png
 
 
+def test_a_mutual_edit_of_a_real_image_equals_its_cli_command_and_gives_the_scheduler_back(pipe, tmp_path, photo):
+    scheduler = pipe.scheduler
+    job = {"method": "mutual-edit", "source": "a red square on a white background",
+           "targets": ["a red circle on a white background"], "image": photo, "steps": 2, "seed": 1}
+    _, record = run_to(pipe, parse_request(job), tmp_path / "run")
+    assert pipe.scheduler is scheduler
+    assert record["real_reference"] and record["image"] == photo
+    assert record["files"] == ["grid.png", "input.png", "00_source.png", "01_circle.png", "record.json"]
+    result = invoke_line(record["cli"].replace(str(tmp_path / "run"), str(tmp_path / "cli")))
+    assert result.exit_code == 0, result.output
+    assert files_under(tmp_path / "run") == files_under(tmp_path / "cli")
+    for png in (p for p in files_under(tmp_path / "cli") if p.endswith(".png")):
+        assert np.array_equal(pixels(tmp_path / "run" / png), pixels(tmp_path / "cli" / png)), png
+
+
 def test_shared_attention_jobs_are_checked_before_sampling(pipe):
     before = dict(pipe.unet.attn_processors)
     for job, message in [
@@ -234,6 +252,11 @@ def test_shared_attention_jobs_are_checked_before_sampling(pipe):
         ({"method": "consistent", "prompts": ["a cat", "a cat"], "subject": "cat", "mask_dropout": 1},
          "mask_dropout"),
         ({"method": "consistent", "prompts": ["a cat", "a cat"]}, "field 'subject': is required"),
+        ({"method": "mutual-edit", "source": "a cat"}, "field 'targets': is required"),
+        ({"method": "mutual-edit", "source": "a cat", "targets": ["a dog"], "mask_words": ["cat"]},
+         "not a word of the prompt 'a dog'"),
+        ({"method": "mutual-edit", "source": "a cat", "targets": ["a dog"], "start_step": 1.5}, "start_step"),
+        ({"method": "mutual-edit", "source": "a cat", "targets": ["a dog"], "start_layer": 40}, "start_layer=40"),
     ]:
         with pytest.raises(AttnkitError, match=message):
             execute(pipe, parse_request(job), CTX)

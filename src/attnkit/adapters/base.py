@@ -58,6 +58,24 @@ class Adapter:
         """One attnkit processor per diffusers processor name."""
         raise NotImplementedError
 
+    def add_text_tokens(self, tokens: torch.Tensor) -> list[Any]:
+        """Hooks that make ``tokens`` ride the text stream of the double-stream blocks (see
+        :meth:`attnkit.engine.Controller.extra_text_tokens`); returns their handles (removed on exit)."""
+        raise AttnkitError(f"extra text-stream tokens need a joint (MM-DiT) model with a text stream, such as SD3 or "
+                           f"FLUX; this {self.description} has none")
+
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """``(len(prompts), tokens, dim)``: the prompt embeddings the denoiser takes as ``encoder_hidden_states``
+        (the pipeline's own ``encode_prompt``, no guidance half); MM-DiT families only."""
+        raise AttnkitError(f"prompt embeddings for extra text-stream tokens need an MM-DiT pipeline (SD3, FLUX); "
+                           f"this {self.description} is not one")
+
+    def blocks(self) -> dict[str, Any]:
+        """The denoiser's transformer blocks by module name, in forward order (what :func:`bypass_block` can
+        skip); MM-DiT families only."""
+        raise AttnkitError(f"bypassing blocks needs an MM-DiT transformer (SD3, FLUX); this {self.description} "
+                           "is not one")
+
     # -- one denoiser call ------------------------------------------------------------------------------
     def read_call(self, arguments: dict[str, Any]) -> ModelCall:
         raise NotImplementedError

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from attnkit.adapters.base import Adapter, ModelCall, check_processor
-from attnkit.adapters.joint import Views, attend_joint
-from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, Layout, TokenLayout
+from attnkit.adapters.joint import Views, add_text_tokens, attend_joint, split_extra
+from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, Layout, Positions, TokenLayout
 
 _NAME = re.compile(r"^(?P<stream>transformer_blocks|single_transformer_blocks)\.(?P<block>\d+)\.attn\.processor$")
 _FIXES = {
@@ -98,6 +98,20 @@ class FluxAdapter(Adapter):
     def layout(self, batch: int) -> Layout:
         return Layout(prompts=batch, cfg=False)
 
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            embeds = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.model.device)[0]
+        return embeds
+
+    def blocks(self) -> dict[str, Any]:
+        double = {f"transformer_blocks.{i}": b for i, b in enumerate(self.model.transformer_blocks)}
+        single = {f"single_transformer_blocks.{i}": b for i, b in enumerate(self.model.single_transformer_blocks)}
+        return {**double, **single}
+
+    def add_text_tokens(self, tokens: torch.Tensor) -> list[Any]:
+        singles = self.model.single_transformer_blocks
+        return add_text_tokens(self.model, tokens, strip_before=singles[0] if len(singles) else None)
+
     def native_size(self) -> int:
         return int(getattr(self.pipe, "default_sample_size", 128)) * int(getattr(self.pipe, "vae_scale_factor", 8))
 
@@ -142,6 +156,33 @@ def unpack(latents: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return x.reshape(b, c4 // 4, gh * 2, gw * 2)
 
 
+class RotaryPositions(Positions):
+    """FLUX's rotary positions of one layer's image tokens (``cos``/``sin``: ``(image tokens, head_dim)``, the
+    rows of ``image_rotary_emb`` the processor applied). Rotary angles add up, so moving a token by ``(rows,
+    cols)`` is one more rotation by the angles of the position ids ``(0, rows, cols)``, computed by the
+    transformer's own ``pos_embed``; taking positions out rotates back by the token's own angles."""
+
+    def __init__(self, model: Any, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.model, self.cos, self.sin = model, cos, sin
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        return apply_rotary_emb(x, (cos, sin), sequence_dim=2)  # what FluxAttnProcessor applies, on (B, H, S, d)
+
+    def shift(self, x: torch.Tensor, rows: int = 0, cols: int = 0) -> torch.Tensor:
+        ids = torch.tensor([[0.0, float(rows), float(cols)]], device=x.device)
+        cos, sin = self.model.pos_embed(ids)
+        return self._rotate(x, cos.to(x.device), sin.to(x.device))
+
+    def remove(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.cos, -self.sin)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.cos, self.sin)
+
+
 class FluxProcessor(AttnkitProcessor):
     """``FluxAttnProcessor``'s computation (double or single stream), with the engine's controllers on its
     two views; the fused path goes through diffusers' attention dispatcher with this layer's backend."""
@@ -174,12 +215,15 @@ class FluxProcessor(AttnkitProcessor):
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         double = attn.added_kv_proj_dim is not None
+        extra = None
         if double:
             context_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
             context_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
             context_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
             context_q = attn.norm_added_q(context_q)
             context_k = attn.norm_added_k(context_k)
+            # Extra text-stream tokens stay out of the joint sequence (and of RoPE: FLUX's text position 0).
+            (context_q, context_k, context_v), extra = split_extra(self.ctl, context_q, context_k, context_v, 1)
             query = torch.cat([context_q, query], dim=1)
             key = torch.cat([context_k, key], dim=1)
             value = torch.cat([context_v, value], dim=1)
@@ -187,11 +231,15 @@ class FluxProcessor(AttnkitProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         length = query.shape[1]
-        text_len = encoder_hidden_states.shape[1] if double else self.ctl.state.text_len
+        text_len = context_q.shape[1] if double else self.ctl.state.text_len
         tokens = TokenLayout(text=slice(0, text_len), image=slice(text_len, length))
 
+        positions = None
+        if image_rotary_emb is not None:
+            positions = RotaryPositions(self.ctl.model, image_rotary_emb[0][text_len:length],
+                                        image_rotary_emb[1][text_len:length])
         out = attend_joint(self.ctl, self.views, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                           tokens, self._fused, attention_mask)
+                           tokens, self._fused, attention_mask, extra=extra, positions=positions)
 
         hidden_states = out.transpose(1, 2).flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -23,6 +23,12 @@ Editing:
   that row's own mass on the view's columns, so an edit that keeps a row's sum keeps the joint row a
   distribution; the other block keeps its joint probabilities. Text-query rows are never edited.
 
+Extra text-stream tokens (:meth:`~attnkit.engine.Controller.extra_text_tokens`, ConceptAttention's concepts)
+enter at the model's ``context_embedder`` (:func:`add_text_tokens`), are split off the text stream's q/k/v in
+every double-stream layer (:func:`split_extra`), attend to ``[themselves; image]`` beside the joint attention and
+rejoin the text stream's output; FLUX's single-stream blocks never see them. Every view's attention output
+reaches :meth:`~attnkit.engine.Controller.observe_output`.
+
 Text-query outputs (FLUX's double-stream ``text_out``, the text part of SD3's joint output and of FLUX's
 single-stream output) are computed exactly as the stock processor computes them whenever no controller
 changed keys or values.
@@ -31,13 +37,24 @@ changed keys or values.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from attnkit.engine import AttentionCall, AttnkitError, Control, LayerInfo, TokenLayout, run_probability_hooks
+from attnkit.engine import (
+    AttentionCall,
+    AttnkitError,
+    Control,
+    ExtraTokens,
+    LayerInfo,
+    Positions,
+    TokenLayout,
+    run_probability_hooks,
+)
 
 # Largest block of explicit probabilities materialised at once (bytes), as the store's chunking.
 CHUNK_BYTES = 64 * 2**20
@@ -60,12 +77,42 @@ def join(tokens: TokenLayout, text: torch.Tensor | None, image: torch.Tensor, di
 
 
 def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 tokens: TokenLayout, fused: Fused, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 tokens: TokenLayout, fused: Fused, mask: torch.Tensor | None = None,
+                 extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 positions: Positions | None = None) -> torch.Tensor:
     """The joint attention of one layer under the controllers. ``query/key/value``: ``(B, H, S, d)`` in the
-    model's token order; ``fused(q, k, v, mask)`` is the stock computation; returns ``(B, H, S, d)``."""
+    model's token order; ``fused(q, k, v, mask)`` is the stock computation; returns ``(B, H, S, d)``.
+
+    ``extra``: the extra text-stream tokens' ``(q, k, v)`` (:meth:`~attnkit.engine.Controller.extra_text_tokens`),
+    kept out of the joint sequence: they attend to ``[themselves; the layer's own image tokens]`` in a separate
+    softmax, so no other token sees them, and their output comes back right after the text tokens (where the
+    block's text stream carries them): ``(B, H, S + n, d)``. Controllers then see every view's output
+    (:meth:`~attnkit.engine.Controller.observe_output`). ``positions``: how the image queries and keys carry
+    token positions (FLUX's RoPE), offered to the controllers as ``call.positions``."""
+    out, calls = _attend_views(ctl, views, query, key, value, tokens, fused, mask, positions)
+    image_out = out[:, :, tokens.image]
+    extra_tokens = None
+    if extra is not None:
+        q_x, k_x, v_x = extra
+        k_img, v_img = key[:, :, tokens.image], value[:, :, tokens.image]
+        out_x = fused(q_x, torch.cat([k_x, k_img], dim=2), torch.cat([v_x, v_img], dim=2), None)
+        extra_tokens = ExtraTokens(query=q_x, key=k_x, value=v_x, output=out_x)
+        stop = tokens.text.stop
+        out = torch.cat([out[:, :, :stop], out_x, out[:, :, stop:]], dim=2)
+    for call in calls:
+        call.output, call.extra = image_out, extra_tokens
+        for c in ctl.controllers:
+            c.observe_output(call)
+    return out
+
+
+def _attend_views(ctl: Control, views: Views, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  tokens: TokenLayout, fused: Fused, mask: torch.Tensor | None,
+                  positions: Positions | None = None) -> tuple[torch.Tensor, list[AttentionCall]]:
+    """:func:`attend_joint` without extra tokens: the joint output and the views offered to the controllers."""
     state = ctl.state
     if not ctl.controllers or state.passthrough:
-        return fused(query, key, value, mask)
+        return fused(query, key, value, mask), []
     if state.layout is None:
         raise AttnkitError("attention ran before the transformer step hook; call the transformer, not its "
                            "layers directly")
@@ -76,7 +123,7 @@ def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Ten
     img, txt = tokens.image, tokens.text
     scale = 1.0 / math.sqrt(query.shape[-1])
     common = dict(height=height, width=width, step=state.step, num_steps=state.num_steps, layout=state.layout,
-                  scale=scale, tokens=tokens)
+                  scale=scale, tokens=tokens, positions=positions)
     q_img, k_img, v_img = query[:, :, img], key[:, :, img], value[:, :, img]
     self_call = AttentionCall(views.self, query=q_img, key=k_img, value=v_img, **common)
     cross_call = None
@@ -91,6 +138,7 @@ def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Ten
         for c in ctl.controllers:
             c.edit_qkv(cross_call)
         self_call.query = cross_call.query
+    calls = [self_call] if cross_call is None else [self_call, cross_call]
     before_s = run_probability_hooks(ctl, self_call)
     before_c = run_probability_hooks(ctl, cross_call) if cross_call is not None else None
 
@@ -99,7 +147,7 @@ def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Ten
     edited = self_call.edited is not None or (cross_call is not None and cross_call.edited is not None)
     masked = self_call.mask is not None or (cross_call is not None and cross_call.mask is not None)
     if untouched and not edited and not masked:
-        return fused(query, key, value, None)  # exactly the stock computation
+        return fused(query, key, value, None), calls  # exactly the stock computation
 
     n_txt, n_img = tokens.text_tokens, tokens.image_tokens
     k_c = v_c = None
@@ -116,9 +164,9 @@ def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Ten
         v = value if untouched else join(tokens, v_c, self_call.value)
         out = fused(q, k, v, None)
         if not edited:
-            return out
+            return out, calls
         out_img = out[:, :, img] + _edit_difference(self_call, cross_call, k_c, v_c, before_s, before_c)
-        return join(tokens, out[:, :, txt] if n_txt else None, out_img)
+        return join(tokens, out[:, :, txt] if n_txt else None, out_img), calls
 
     # Text rows and image rows apart: text queries attend to the layer's own token count only, without masks.
     q = self_call.query
@@ -133,7 +181,7 @@ def attend_joint(ctl: Control, views: Views, query: torch.Tensor, key: torch.Ten
         k_own = join(tokens, None if k_c is None else k_c[:, :, :n_txt], self_call.key[:, :, :n_img])
         v_own = join(tokens, None if v_c is None else v_c[:, :, :n_txt], self_call.value[:, :, :n_img])
         out_txt = fused(query[:, :, txt], k_own, v_own, None)
-    return join(tokens, out_txt, out_img)
+    return join(tokens, out_txt, out_img), calls
 
 
 def _edit_difference(self_call: AttentionCall, cross_call: AttentionCall | None, k_c: torch.Tensor | None,
@@ -222,6 +270,71 @@ def _joined_mask(q: torch.Tensor, mask_c: torch.Tensor | None, k_c: torch.Tensor
     if rows not in (1, batch):
         raise AttnkitError(f"a controller's attention mask has {rows} rows for a batch of {batch}")
     return torch.cat(parts, dim=-1)
+
+
+def add_text_tokens(model: Any, tokens: torch.Tensor, strip_before: Any = None) -> list[Any]:
+    """Hooks that make ``tokens`` ``(n, dim)`` ride the text stream of a joint model (see
+    :meth:`~attnkit.engine.Controller.extra_text_tokens`): appended to the prompt embeddings where the model's
+    ``context_embedder`` projects them (so they get the text input projection), and cut off again where
+    ``strip_before`` (FLUX's first single-stream block) receives the text stream. Returns the hook handles."""
+    embedder = model.context_embedder
+    width = getattr(embedder, "in_features", None)
+    if width is not None and tokens.shape[-1] != width:
+        raise AttnkitError(f"extra text-stream tokens have {tokens.shape[-1]} channels, the model's prompt "
+                           f"embeddings {width}: embed them with the pipeline's own text encoder")
+    count = int(tokens.shape[0])
+
+    def append(module: Any, args: tuple) -> tuple:
+        x = args[0]
+        extra = tokens.to(device=x.device, dtype=x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return (torch.cat([x, extra], dim=1), *args[1:])
+
+    def strip(module: Any, args: tuple, kwargs: dict) -> tuple:
+        if "encoder_hidden_states" in kwargs:
+            kwargs = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:, :-count]}
+        elif len(args) > 1:
+            args = (args[0], args[1][:, :-count], *args[2:])
+        return args, kwargs
+
+    handles = [embedder.register_forward_pre_hook(append)]
+    if strip_before is not None:
+        handles.append(strip_before.register_forward_pre_hook(strip, with_kwargs=True))
+    return handles
+
+
+@contextmanager
+def bypass_block(block: Any) -> Iterator[None]:
+    """Inside the block, the MM-DiT transformer block ``block`` returns its input unchanged (its output is
+    ``(encoder_hidden_states, hidden_states)`` as it received them, the convention of SD3's and FLUX's double-
+    and single-stream blocks), through a forward hook that is removed on exit, also after an exception."""
+
+    def identity(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        names = ("hidden_states", "encoder_hidden_states")
+        given = dict(zip(names, args, strict=False))
+        given.update({k: kwargs[k] for k in names if k in kwargs})
+        if "hidden_states" not in given:
+            raise AttnkitError(f"cannot bypass {type(module).__name__}: it was called without hidden_states")
+        return given.get("encoder_hidden_states"), given["hidden_states"]
+
+    handle = block.register_forward_hook(identity, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def split_extra(ctl: Control, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dim: int
+                ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """The text-stream ``query/key/value`` of a double-stream layer without the extra tokens (the last
+    ``ctl.state.extra_tokens`` along ``dim``), and the extra tokens' own as ``(B, H, n, d)`` (None: no extras)."""
+    n = ctl.state.extra_tokens
+    if not n:
+        return (query, key, value), None
+    own = tuple(t.narrow(dim, 0, t.shape[dim] - n) for t in (query, key, value))
+    extra = tuple(t.narrow(dim, t.shape[dim] - n, n) for t in (query, key, value))
+    if dim == 1:  # (B, S, H, d) → (B, H, S, d)
+        extra = tuple(t.transpose(1, 2) for t in extra)
+    return own, extra  # type: ignore[return-value]
 
 
 def image_grid(grid: tuple[int, int] | None, image_tokens: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.adapters.base import Adapter, ModelCall, check_processor
-from attnkit.adapters.joint import Views, attend_joint
+from attnkit.adapters.joint import Views, add_text_tokens, attend_joint, split_extra
 from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, TokenLayout
 
 _NAME = re.compile(r"^transformer_blocks\.(?P<block>\d+)\.attn(?P<second>2?)\.processor$")
@@ -85,6 +85,18 @@ class SD3Adapter(Adapter):
         return ModelCall(batch=int(sample.shape[0]), timestep=arguments.get("timestep"), latent_hw=(h, w),
                          grid=(h // patch, w // patch), text_len=0 if text is None else int(text.shape[1]))
 
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            embeds = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                             device=self.model.device, do_classifier_free_guidance=False)[0]
+        return embeds
+
+    def blocks(self) -> dict[str, Any]:
+        return {f"transformer_blocks.{i}": b for i, b in enumerate(self.model.transformer_blocks)}
+
+    def add_text_tokens(self, tokens: torch.Tensor) -> list[Any]:
+        return add_text_tokens(self.model, tokens)  # the last block is context-pre-only: the stream ends there
+
     def native_size(self) -> int:
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         return int(getattr(self.pipe, "default_sample_size", self.model.config.sample_size)) * scale
@@ -101,7 +113,11 @@ class SD3Adapter(Adapter):
         t5 = getattr(self.pipe, "tokenizer_3", None)
         if getattr(self.pipe, "text_encoder_3", None) is None:
             t5 = None  # without T5 the pipeline appends zero embeddings of its length: columns no word names
-        segments.append(Segment(t5, int(max_sequence_length or 256)))
+        if max_sequence_length is None:  # the model's own (attnkit.json: the bundled MM-DiT samples with 0), else 256
+            from attnkit.models import defaults_for
+
+            max_sequence_length = getattr(defaults_for(self.pipe), "max_sequence_length", None)
+        segments.append(Segment(t5, 256 if max_sequence_length is None else int(max_sequence_length)))
         return SegmentedTokenizer(segments, "SD3")
 
 
@@ -128,6 +144,7 @@ class SD3Processor(AttnkitProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         image_tokens = query.shape[2]
+        extra = None
         if encoder_hidden_states is not None:
             context_q = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             context_k = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -136,6 +153,7 @@ class SD3Processor(AttnkitProcessor):
                 context_q = attn.norm_added_q(context_q)
             if attn.norm_added_k is not None:
                 context_k = attn.norm_added_k(context_k)
+            (context_q, context_k, context_v), extra = split_extra(self.ctl, context_q, context_k, context_v, 2)
             query = torch.cat([query, context_q], dim=2)
             key = torch.cat([key, context_k], dim=2)
             value = torch.cat([value, context_v], dim=2)
@@ -143,7 +161,7 @@ class SD3Processor(AttnkitProcessor):
         tokens = TokenLayout(text=slice(image_tokens, length), image=slice(0, image_tokens))
 
         # JointAttnProcessor2_0 calls SDPA itself (not the dispatcher) and ignores attention_mask: so do we.
-        hidden_states = attend_joint(self.ctl, self.views, query, key, value, tokens, _sdpa)
+        hidden_states = attend_joint(self.ctl, self.views, query, key, value, tokens, _sdpa, extra=extra)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)

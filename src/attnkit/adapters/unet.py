@@ -162,5 +162,12 @@ def attend(ctl: Control, layer: LayerInfo, queries: int, query: torch.Tensor, ke
         c.edit_qkv(call)
     run_probability_hooks(ctl, call)
     if call.edited is None:
-        return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.mask)
-    return torch.matmul(call.edited, call.value)
+        out = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.mask)
+    else:
+        out = torch.matmul(call.edited, call.value)
+    for c in ctl.controllers:
+        out = c.edit_output(call, out)
+    call.output = out
+    for c in ctl.controllers:
+        c.observe_output(call)
+    return out

@@ -36,16 +36,17 @@ def _as_prompt(p: SceneSpec | Prompt) -> Prompt:
 
 @torch.no_grad()
 def generate_scored(pipe: Any, specs: Sequence[SceneSpec | Prompt], seeds: Sequence[int], guidance: float,
-                    steps: int) -> list[dict]:
+                    steps: int, **call_kwargs: Any) -> list[dict]:
     """One image per spec or :class:`Prompt` (generator seeded from ``seeds``); per image:
     :func:`checker.score`'s dict plus ``"image"`` and ``"iou"`` = ``{"color": [per object with a colour word],
-    "shape": [per object]}``."""
+    "shape": [per object]}``. ``call_kwargs`` go to the pipeline call (the MM-DiT model's
+    ``max_sequence_length``)."""
     prompts = [_as_prompt(p) for p in specs]
     store = AttentionStore(kinds="cross", res=16)  # conditional half, summed over layers and steps
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     with control(pipe, store):
         images = pipe([p.caption for p in prompts], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=gens, height=SIZE, width=SIZE).images
+                      generator=gens, height=SIZE, width=SIZE, **call_kwargs).images
     maps = store.maps("cross", res=16).permute(0, 3, 1, 2)  # (B, tokens, 16, 16)
     maps = F.interpolate(maps.float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False).numpy()
     out = []

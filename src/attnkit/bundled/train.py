@@ -343,8 +343,10 @@ def build_pipeline(vae, text_encoder, tok, unet):
     )
 
 
-def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
-    """Save a standard SD folder (safetensors) + ``attnkit.json`` atomically (write to tmp, then swap)."""
+def export_model(pipe, folder: Path, defaults: dict, info: dict, index_extra: dict | None = None) -> None:
+    """Save a standard diffusers folder (safetensors) + ``attnkit.json`` atomically (write to tmp, then swap).
+    ``index_extra``: entries added to ``model_index.json`` (components that are ``None``, which diffusers does
+    not save but ``from_pretrained`` expects)."""
     import shutil
 
     folder = Path(folder)
@@ -352,6 +354,9 @@ def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if index_extra:
+        index = json.loads((tmp / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps({**index, **index_extra}, indent=2, sort_keys=True) + "\n")
     (tmp / "attnkit.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     old = folder.with_name(folder.name + ".old")
@@ -369,11 +374,13 @@ def export_model(pipe, folder: Path, defaults: dict, info: dict) -> None:
 EVAL_SEED_START = 10_500_000  # held-out seeds used by the periodic evaluation (benchmarks use others)
 
 
-def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16, open_n: int = 0) -> dict:
+def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16, open_n: int = 0,
+               call_kwargs: dict | None = None) -> dict:
     """Generate ``n`` held-out prompts and score them: checker attributes and localisation ``iou`` (means over
     images; ``mean`` averages all six, the figures of ``benchmarks/bundled_quality.py``). With ``open_n``,
     also ``open_n`` prompts with an open background and ``open_n`` with an open colour (grammar v2):
-    ``open_background_entropy``, ``open_color_entropy`` and ``open_prompted_acc``, which join the mean."""
+    ``open_background_entropy``, ``open_color_entropy`` and ``open_prompted_acc``, which join the mean.
+    ``call_kwargs`` go to every pipeline call."""
     from .evaluate import IOU_WORDS, chosen_values, generate_scored, mean_attributes, open_prompts, spread
     from .scenes import BACKGROUNDS, COLORS, spec_for_seed
 
@@ -381,7 +388,7 @@ def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16, 
         out = []
         for i in range(0, len(prompts), batch):
             seeds = range(first_seed + i, first_seed + min(len(prompts), i + batch))
-            out += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps)
+            out += generate_scored(pipe, prompts[i : i + batch], seeds, guidance, steps, **(call_kwargs or {}))
         return out
 
     full = scored([spec_for_seed(s) for s in range(EVAL_SEED_START, EVAL_SEED_START + n)], EVAL_SEED_START)
@@ -401,6 +408,18 @@ def quick_eval(pipe, n: int, guidance: float, steps: int = 25, batch: int = 16, 
 
 
 # ------------------------------------------------------------------------------------------- train
+
+
+def batch_indices(step: int, batch: int, n_data: int, seed: int) -> torch.Tensor:
+    """The dataset rows of training step ``step``: a fresh permutation per epoch (seeded), so a resumed run
+    continues the same sequence."""
+    epoch, pos = divmod(step * batch, n_data)
+    perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    idx = perm[pos : pos + batch]
+    if len(idx) < batch:
+        perm2 = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
+        idx = torch.cat([idx, perm2[: batch - len(idx)]])
+    return idx
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -423,9 +442,10 @@ class _CrossAttentionTap(Controller):
             self.maps.append(call.probs().mean(dim=1))  # (B, queries, tokens), mean over heads
 
 
-def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor, open_rates: tuple[float, float] = (0.0, 0.0)
-                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per grid size: (target (B, tokens, H*W) = each grounded token's object mask, weight (B, tokens)).
+def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor, open_rates: tuple[float, float] = (0.0, 0.0),
+                      resolutions: tuple[int, ...] = GROUND_RES) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per grid size in ``resolutions``: (target (B, tokens, H*W) = each grounded token's object mask, weight
+    (B, tokens)).
 
     Grounded tokens are an object's colour, fill and shape words; their target is the object's visible mask
     (area fraction per latent cell). Captions dropped for classifier-free guidance get no target. With
@@ -434,7 +454,7 @@ def grounding_targets(tok, seeds: list[int], dropped: torch.Tensor, open_rates: 
     """
     length = tok.model_max_length
     out = {}
-    for r in GROUND_RES:
+    for r in resolutions:
         out[r] = (torch.zeros(len(seeds), length, r * r), torch.zeros(len(seeds), length))
     for b, seed in enumerate(seeds):
         if dropped[b]:
@@ -581,8 +601,12 @@ def train_unet(
                 state["best"] = results[best_g]["mean"]
                 # null-text lr: benchmarks/inversion.py measured 0.1 far closer to the ceiling than the paper's
                 # 0.01 on this model family (its embeddings move guided sampling less than SD's do)
+                # ddpm_inversion_guidance: attnkit.transfer samples without text guidance, and inputs inverted at
+                # the paper's 3.5 were not rebuilt on the open-attribute fine-tune (benchmarks/transfer.py)
+                # style_group_norm: Style Aligned's shared GroupNorm statistics of these small grids took the
+                # targets' prompted shapes and backgrounds (benchmarks/shared_attention.py)
                 defaults = {"guidance_scale": best_g, "num_inference_steps": 25, "height": SIZE, "width": SIZE,
-                            "null_text_lr": 0.1}
+                            "null_text_lr": 0.1, "ddpm_inversion_guidance": 1.0, "style_group_norm": False}
                 info = {"step": state["step"], "samples_seen": state["samples"],
                         "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
                         "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed,
@@ -624,14 +648,7 @@ def train_unet(
         for g in opt.param_groups:
             g["lr"] = cur_lr
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        # data order: a fresh permutation per epoch, so resuming continues the same sequence
-        first = step * batch
-        epoch, pos = divmod(first, n_data)
-        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        idx = perm[pos : pos + batch]
-        if len(idx) < batch:
-            perm2 = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
-            idx = torch.cat([idx, perm2[: batch - len(idx)]])
+        idx = batch_indices(step, batch, n_data, seed)
         x0 = latents[idx].float() * sf
         tids = ids[idx].clone()
         drop = torch.rand(batch, generator=gen) < 0.1  # caption dropout -> classifier-free guidance

@@ -16,7 +16,9 @@ The pieces, each with the official default:
   68 denoising steps), the output row's keys and values are replaced by the appearance row's. Windows are
   fractions of the denoising loop (``10 / 68`` ...), so they scale with the number of steps.
 * **Attention contrast** on the output's swapped maps: ``A ← clip((A − mean(A))·β + mean(A), 0, 1)`` with the
-  mean over keys (``1/N`` for a softmax row), β = 1.67, not renormalised (:func:`contrast`).
+  mean over keys (``1/N`` for a softmax row), β = 1.67, not renormalised (:func:`contrast`). The maps are made
+  for the output rows only (:meth:`CrossImageAttention.edit_output`), the other rows keep fused attention;
+  beside a controller that reads or edits maps, the engine's probability path is taken instead (same numbers).
 * **Swap guidance** (:func:`swap_guidance_scales`, :func:`guide`): ``ε = ε_plain + s_i·(ε_swap − ε_plain)``,
   ``s_i`` from 3.5 down to ``max(3.5/2, 1)`` linearly over the loop; no text guidance.
 * **Masked AdaIN on latents** (:class:`MaskedAdaIN`, :func:`masked_adain`): after each step from 20/68 of the
@@ -202,6 +204,7 @@ class CrossImageAttention(Controller):
         self.structure_kv_every = structure_kv_every
         self.structure_kv_until = structure_kv_until
         self._ranks: dict[int, int] = {}
+        self._rowwise = False  # contrast on the output rows only (set on entering a block, see _alone)
         self.swapped_calls = 0  # how many attention calls swapped during the last run
 
     def on_enter(self, ctl: Control) -> None:
@@ -209,6 +212,7 @@ class CrossImageAttention(Controller):
         if self.grids is None and not self._ranks:
             raise AttnkitError("this UNet has no decoder (up-block) attention layers to swap")
         self.swapped_calls = 0
+        self._rowwise = self._alone(ctl)
 
     def window(self, call: AttentionCall) -> Steps | bool:
         """The step window of this call's layer, or False where the layer never swaps."""
@@ -255,8 +259,31 @@ class CrossImageAttention(Controller):
         call.key, call.value = key, value
         self.swapped_calls += 1
 
+    def _alone(self, ctl: Control) -> bool:
+        """Whether no other controller of the block reads or edits attention maps, so the contrast may take
+        the row-wise path (:meth:`edit_output`): only the output rows' probabilities are made, the other rows
+        stay on fused attention. Otherwise the probability path keeps the composition exact (a store sees the
+        contrasted maps, a map editor's edits are contrasted)."""
+        hooks = ("wants_probs", "edit_probs", "observe", "edit_output")
+        return all(c is self or all(getattr(type(c), h) is getattr(Controller, h) for h in hooks)
+                   for c in ctl.controllers)
+
     def wants_probs(self, call: AttentionCall) -> bool:
-        return self.contrast != 1.0 and self.active(call)
+        return self.contrast != 1.0 and not self._rowwise and self.active(call)
+
+    def edit_output(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+        # the row-wise contrast: the same numbers as edit_probs, made for the output rows only
+        if self.contrast == 1.0 or not self._rowwise or not self.active(call):
+            return output
+        out = output.clone()
+        for half in call.layout.halves():
+            for row in self.outputs:
+                r = half.start + row
+                scores = torch.matmul(call.query[r], call.key[r].transpose(-1, -2)) * call.scale
+                if call.mask is not None:
+                    scores = scores + call.mask[r]
+                out[r] = torch.matmul(contrast(scores.softmax(dim=-1), self.contrast), call.value[r])
+        return out
 
     def edit_probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         # fresh probabilities (no controller edited them before) are ours to overwrite: no copy of the batch

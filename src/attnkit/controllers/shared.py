@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.engine import (
+    FAMILIES,
+    STREAM_PLACES,
+    UNET_PLACES,
     AttentionCall,
     AttnkitError,
     Control,
@@ -43,6 +46,7 @@ from attnkit.engine import (
     LayerInfo,
     Layout,
     describe_layers,
+    place_selected,
 )
 from attnkit.tokens import word_spans, word_token_indices
 
@@ -107,10 +111,11 @@ def self_layers(layers: dict[str, LayerInfo]) -> list[LayerInfo]:
 def _check_places(places: Sequence[str]) -> tuple[str, ...]:
     places = (places,) if isinstance(places, str) else tuple(places)
     for place in places:
-        if place not in ("down", "mid", "up"):
-            raise AttnkitError(f"unknown place {place!r}: use 'down', 'mid' and/or 'up'")
+        if place not in UNET_PLACES + STREAM_PLACES:
+            raise AttnkitError(f"unknown place {place!r}: use 'down', 'mid' and/or 'up' (UNet), 'double' and/or "
+                               "'single' (transformer streams)")
     if not places:
-        raise AttnkitError("places is empty: name at least one of 'down', 'mid', 'up'")
+        raise AttnkitError("places is empty: name at least one of 'down', 'mid', 'up' (or 'double', 'single')")
     return places
 
 
@@ -203,8 +208,8 @@ class SharedAttention(Controller):
     """
 
     families: ClassVar[tuple[str, ...]] = ("unet",)
-    family_note: ClassVar[str] = ("shared attention is written for UNet self-attention; on MM-DiT models the "
-                                  "reference's image tokens collide in RoPE (see REFERENCES.md, AlignedGen)")
+    family_note: ClassVar[str] = ("it is written for UNet self-attention (on MM-DiT models StyleAligned shares "
+                                  "attention, with the reference's RoPE positions shifted as AlignedGen does)")
 
     def __init__(self, references: int | Sequence[int] = (0,), targets: int | Sequence[int] | None = None,
                  layers: Sequence[int | str] | None = None, places: Sequence[str] = ("down", "mid", "up"),
@@ -227,11 +232,16 @@ class SharedAttention(Controller):
     def shared_layers(self, layers: dict[str, LayerInfo], unet: Any = None) -> list[LayerInfo]:
         """The self-attention layers this controller acts on (raises for an invalid selection)."""
         chosen = _explicit_layers(self.layers, layers) if self.layers is not None else self_layers(layers)
-        return [info for info in chosen if info.place in self.places]
+        # places of the other model family do not restrict (the engine's rule): the default takes every layer
+        return [info for info in chosen if place_selected(info.place, self.places)]
 
     def check(self, pipe: Any) -> list[str]:
-        """Validate the selection against ``pipe``'s UNet before sampling; returns the shared layers' names."""
-        return self._selected(describe_layers(pipe.unet), pipe.unet)
+        """Validate the selection against ``pipe``'s denoiser before sampling; returns the shared layers' names."""
+        from attnkit.adapters import adapter_for
+
+        model = adapter_for(pipe).model
+        unet = getattr(pipe, "unet", None)
+        return self._selected(describe_layers(model), unet)
 
     def _selected(self, layers: dict[str, LayerInfo], unet: Any) -> list[str]:
         names = [info.name for info in self.shared_layers(layers, unet)]
@@ -327,14 +337,26 @@ class StyleAligned(SharedAttention):
     code gives it ``[K_ref; K_ref]``, the same attention up to rounding) and its own keys enter the targets
     un-normalised (official: AdaIN-normalised to themselves, the identity up to rounding), so the reference's
     output is unchanged to the last bits of SDPA.
+
+    MM-DiT models (SD3, FLUX): the self view of each joint layer (image queries × image keys) shares; text
+    tokens keep their own attention. Where the layer's queries and keys carry positions (FLUX's RoPE,
+    ``call.positions``), concatenated reference keys would sit at the targets' own positions, each target pixel
+    seeing two keys at relative distance 0; with ``shift_positions`` (default) reference ``j`` is moved
+    ``(j + 1)`` image widths to the right, as AlignedGen shifts its reference's position ids
+    (``ids[:, 2] += width // 16``), and AdaIN runs on the position-free queries and keys (AlignedGen normalises
+    before RoPE). AlignedGen shares in FLUX's single-stream blocks only: ``places=("single",)``.
     """
+
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     def __init__(self, references: int | Sequence[int] = (0,), targets: int | Sequence[int] | None = None, *,
                  scale: float = 1.0, shift: float = 0.0, adain_queries: bool = True, adain_keys: bool = True,
                  adain_values: bool = False, share_attention: bool = True, share_group_norm: bool | None = None,
                  only_self_level: float = 0.0, layers: Sequence[int | str] | None = None,
-                 places: Sequence[str] = ("down", "mid", "up"), steps: Steps = None) -> None:
+                 places: Sequence[str] = ("down", "mid", "up"), steps: Steps = None,
+                 shift_positions: bool = True) -> None:
         super().__init__(references, targets, layers, places, steps)
+        self.shift_positions = bool(shift_positions)
         for name, value in (("scale", scale), ("shift", shift)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise AttnkitError(f"{name}={value!r}: give a finite number")
@@ -370,41 +392,57 @@ class StyleAligned(SharedAttention):
         target = is_target.view(-1, 1, 1, 1)
         q, k, v = call.query, call.key, call.value
         n = k.shape[-2]
+        positions = call.positions  # set where queries/keys carry token positions (FLUX's RoPE)
 
-        def normalised(x: torch.Tensor) -> torch.Tensor:
-            mean, std = mean_std(x)
+        def normalised(x: torch.Tensor, positional: bool = False) -> torch.Tensor:
+            free = positions.remove(x) if positional and positions is not None else x
+            mean, std = mean_std(free)
             to_mean, to_std = mean[index].mean(dim=1), std[index].mean(dim=1)
-            return torch.where(target, (x - mean) / std * to_std + to_mean, x)
+            out = (free - mean) / std * to_std + to_mean
+            if positional and positions is not None:
+                out = positions.apply(out)
+            return torch.where(target, out, x)
 
         extra_k, extra_v = _gather(k, index), _gather(v, index)  # the references' raw keys/values
+        if positions is not None and self.shift_positions:
+            # reference j beside the image, (j + 1) widths to the right: no key shares a target token's position.
+            # Other rows attend to exact copies of their own keys, which leaves their output as it is: keep those.
+            blocks = extra_k.split(n, dim=-2)
+            moved = torch.cat([positions.shift(b, cols=(j + 1) * call.width) for j, b in enumerate(blocks)], dim=-2)
+            extra_k = torch.where(target, moved, extra_k)
         if self.scale != 1.0:
             extra_k = torch.where(target, extra_k * self.scale, extra_k)
         if self.adain_queries:
-            q = normalised(q)
+            q = normalised(q, positional=True)
         if self.adain_keys:
-            k = normalised(k)
+            k = normalised(k, positional=True)
         if self.adain_values:
             v = normalised(v)
         call.query = q
         call.key = torch.cat([k, extra_k], dim=-2)
         call.value = torch.cat([v, extra_v], dim=-2)
-        if self.shift != 0.0:
-            # Non-target rows attend to copies of their own keys: shifting those leaves their output unchanged.
+        # On a joint (MM-DiT) layer the text keys share this softmax: copies of a row's own image keys would
+        # double their weight against the text, so other rows' copies are masked out there (AlignedGen's
+        # constrain_first). Alone in its softmax (a UNet), a row's copies leave its output as it is: no mask.
+        joint = call.tokens is not None
+        if self.shift != 0.0 or joint:
             mask = torch.zeros(k.shape[0], 1, 1, call.key.shape[-2], dtype=q.dtype, device=q.device)
             mask[is_target, :, :, n:] = self.shift
+            if joint:
+                mask[~is_target.to(mask.device), :, :, n:] = float("-inf")
             call.mask = mask
 
     # -- group norm ---------------------------------------------------------------------------------------
-    def _group_norm_on(self, pipe: Any) -> bool:
+    def _group_norm_on(self, model: Any) -> bool:
         if self.share_group_norm is not None:
             return bool(self.share_group_norm)
-        return getattr(pipe.unet.config, "addition_embed_type", None) != "text_time"  # off for SDXL
+        return getattr(model.config, "addition_embed_type", None) != "text_time"  # off for SDXL
 
     def on_enter(self, ctl: Control) -> None:
         super().on_enter(ctl)
         self._hooks = []
-        if self._group_norm_on(ctl.pipe):
-            for module in ctl.unet.modules():
+        if self._group_norm_on(ctl.model):
+            for module in ctl.model.modules():  # MM-DiT transformers have none
                 if isinstance(module, torch.nn.GroupNorm):
                     self._hooks.append(module.register_forward_hook(self._shared_group_norm))
 

@@ -679,6 +679,121 @@ register(Method(
 ))
 
 
+# -- mutual-edit (MasaCtrl's mutual self-attention) ------------------------------------------------------------
+def index_or_fraction(value: float | None, what: str) -> int | float | None:
+    """A start step or layer as the front ends take it (one number): below 1 a fraction of the steps/layers
+    (``0.625``), from 1 on an index (``4``, a whole number). None stays None (the library's default)."""
+    if value is None:
+        return None
+    if not value >= 0:  # also NaN
+        raise AttnkitError(f"{what} {value}: give an index (a whole number such as 4) or a fraction below 1")
+    if value < 1:
+        return float(value)
+    if value != int(value):
+        raise AttnkitError(f"{what} {value}: from 1 on it is an index (a whole number such as 4); a fraction of "
+                           "the total lies below 1")
+    return int(value)
+
+
+def mask_words_for(words: list[str] | None, prompts: list[str], what: str) -> str | list[str] | None:
+    """The mask words as :func:`attnkit.mutual_edit` takes them (one word for every prompt, or one per prompt,
+    the source first), checked against the prompts' words before any model runs."""
+    if not words:
+        return None
+    if len(words) not in (1, len(prompts)):
+        raise AttnkitError(f"{what}: give one word for every prompt or one per prompt ({len(prompts)}, the source "
+                           f"first), got {len(words)}")
+    per_prompt = list(words) * len(prompts) if len(words) == 1 else list(words)
+    for word, prompt in zip(per_prompt, prompts, strict=True):
+        if word.strip().lower() not in (w.strip(".,;:!?").lower() for w in prompt.split()):
+            raise AttnkitError(f"{what} {word!r} is not a word of the prompt {prompt!r}: the mask of each prompt "
+                               "comes from its own word's cross-attention")
+    return per_prompt[0].strip() if len(words) == 1 else [w.strip() for w in per_prompt]
+
+
+def _mutual_check(pipe: Any, args: dict[str, Any]) -> None:
+    from attnkit.controllers.shared import MutualSelfAttention
+
+    prompts = [args["source"], *args["targets"]]
+    starts = {name: index_or_fraction(args[name], f"field {name!r}") for name in ("start_step", "start_layer")}
+    mask_words_for(args["mask_words"], prompts, "field 'mask_words'")
+    if args["image"] is not None and (args["height"] is not None or args["width"] is not None):
+        raise AttnkitError("fields 'height'/'width': with 'image' the image fixes the size; leave them out")
+    _prompt_check(pipe, *prompts)
+    # a start layer this model lacks fails here, before any job of a batch samples
+    MutualSelfAttention(0, **{k: v for k, v in starts.items() if v is not None}).check(pipe)
+
+
+def _run_mutual(pipe: Any, args: dict[str, Any], ctx: RunContext) -> Output:
+    from attnkit.shared import mutual_edit
+
+    prompts = [args["source"], *args["targets"]]
+    options: dict[str, Any] = dict(seed=args["seed"], mask_words=mask_words_for(args["mask_words"], prompts, "mask"),
+                                   mask_threshold=args["mask_threshold"], steps=args["steps"],
+                                   guidance=args["guidance"], height=args["height"], width=args["width"],
+                                   progress=ctx.progress)
+    for name in ("start_step", "start_layer"):
+        if args[name] is not None:
+            options[name] = index_or_fraction(args[name], name)
+    start = time.perf_counter()
+    if args["image"] is None:
+        result = mutual_edit(pipe, args["source"], list(args["targets"]), **options)
+        settings: dict[str, Any] = {}
+    else:
+        from attnkit.images import load_image
+
+        picture = load_image(args["image"])
+        with ddim_for_the_run(pipe):  # the source follows its DDIM trajectory; the scheduler comes back after
+            result = mutual_edit(pipe, args["source"], list(args["targets"]), reference=picture, **options)
+        settings = {"image": args["image"]}
+    return mutual_output(args["source"], list(args["targets"]), result, start, settings)
+
+
+def mutual_output(source: str, targets: list[str], result: Any, start: float, settings: dict[str, Any]) -> Output:
+    """``attnkit mutual-edit``'s files: grid.png (source first, each prompt under its image; a real source's
+    input before it), input.png, 00_source.png and one NN_<changed words>.png per target (as ``attnkit edit``
+    names its edits); the library's record in the settings."""
+    import json
+
+    from attnkit.viz import image_grid
+
+    record = json.loads(json.dumps(result.record()))
+    out = Output(None, settings={"prompt": source, **settings, **record}, result=result)  # type: ignore[arg-type]
+    out.timings["generate"] = round(time.perf_counter() - start, 3)
+    inputs = [(result.inversion.image, "input")] if result.inversion is not None else []
+    captions = [c for _, c in inputs] + [f"source: {source}", *targets]
+    out.images.append(("grid.png", image_grid([im for im, _ in inputs] + list(result.images), captions), {}))
+    for picture, name in inputs:
+        out.images.append((f"{name}.png", picture, {}))
+    for img, prompt, name in zip(result.images, result.prompts, ["00_source.png", *edit_names(source, targets)],
+                                 strict=True):
+        out.images.append((name, img, {"image_prompt": prompt}))
+    return out
+
+
+register(Method(
+    "mutual-edit", "MasaCtrl: edit the source prompt's image into each target prompt (a new pose or shape) keeping "
+    "its appearance (mutual self-attention).",
+    (Field("source", "text", help="The source prompt (the image's caption with 'image').", cli="arg",
+           required=True),
+     Field("targets", "words", help="The target prompts (each changes the source's pose or shape).", cli="--to",
+           required=True),
+     Field("start_step", "float", None, "Step the sharing starts at: an index (whole number) or a fraction of "
+           "the steps below 1 (default: MasaCtrl's 4).", "--start-step", minimum=0),
+     Field("start_layer", "float", None, "Self-attention layer the sharing starts at: an index (whole number) or "
+           "a fraction of the layers below 1 (default 0.625, MasaCtrl's layer 10 of 16).", "--start-layer",
+           minimum=0),
+     Field("mask_words", "words", None, "Mask-guided MasaCtrl: a word whose cross-attention splits foreground "
+           "from background (one for every prompt, or one per prompt, the source first).", "--mask-word"),
+     Field("mask_threshold", "float", 0.1, "Mask threshold after min-max normalisation (MasaCtrl: 0.1).",
+           "--mask-threshold", minimum=0, maximum=1),
+     Field("image", "path", None, "A real source image (DDIM-inverted; the source prompt is its caption).",
+           "--image"),
+     *SAMPLING),
+    _run_mutual, prompt_field="source", check=_mutual_check,
+))
+
+
 # -- transfer (cross-image attention: appearance transfer) ----------------------------------------------------------
 TRANSFER_ROLES = ("structure", "appearance")
 
@@ -774,3 +889,8 @@ register(Method(
      CROP, SEED),
     _run_transfer, check=_transfer_check,
 ))
+
+
+# The MM-DiT methods (ConceptAttention, Stable Flow; rectified-flow inversion and FlowEdit) register themselves in
+# their own modules.
+from attnkit.runs import flow_methods, transformer_methods  # noqa: E402,F401
