@@ -78,6 +78,15 @@ class Workspace:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def save_upload(self, session: Session, image: Any) -> Path:
+        """Save a decoded upload (a PIL image) in the session's ``uploads`` folder under a generated name (never
+        the one the browser sent) and return its path: ``ws.save_upload(session, decode_image(data))``."""
+        uploads = self.folder(session) / "uploads"
+        uploads.mkdir(exist_ok=True)
+        path = uploads / f"{uuid.uuid4().hex}.png"
+        image.save(path)
+        return path
+
     def new_folder(self, session: Session, name: str) -> Path:
         """A fresh, generated path under the session's folder (not created)."""
         return self.folder(session) / f"{next(self.counter):04d}-{name}"

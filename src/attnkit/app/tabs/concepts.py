@@ -1,7 +1,6 @@
 """The Concepts tab (MM-DiT models): ConceptAttention maps of a generated image or of an uploaded one, each
 concept's overlay and each pixel's most salient concept."""
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image
@@ -33,12 +32,7 @@ def concepts_request(prompt: str, concepts: str, blocks: str, noise: float, seed
 def run_concepts(ws: Workspace, session: Session | None, upload: bytes | None, prompt: str, *values: Any) -> tuple:
     """One Concepts run: (strip of overlays, segments, download paths, CLI line, session)."""
     session = session or Session()
-    path = None
-    if upload:
-        uploads = ws.folder(session) / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / f"{uuid.uuid4().hex}.png"  # a generated name: never the one the browser sent
-        decode_image(upload).save(path)
+    path = ws.save_upload(session, decode_image(upload)) if upload else None
     request = parse_request(concepts_request(prompt, *values, image=str(path) if path else None), where="Concepts")
     output, record, folder = ws.run(session, request)
     return (output.image("concepts.png"), output.image("segments.png"), files_of(folder, record), record["cli"],

@@ -1,7 +1,6 @@
 """The Flow edit tab (MM-DiT models): edit an uploaded image on a flow model, by rectified-flow inversion and
 regeneration or by FlowEdit; a grid with each prompt under its image and, for inversion, the reconstruction."""
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image
@@ -44,12 +43,7 @@ def flow_edit_request(mode: str, image: str | None, source: str, target: str, so
 def run_flow_edit(ws: Workspace, session: Session | None, upload: bytes | None, mode: str, *values: Any) -> tuple:
     """One Flow edit run: (grid image, reconstruction or None, download paths, CLI line, session)."""
     session = session or Session()
-    path = None
-    if upload:
-        uploads = ws.folder(session) / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / f"{uuid.uuid4().hex}.png"  # a generated name: never the one the browser sent
-        decode_image(upload).save(path)
+    path = ws.save_upload(session, decode_image(upload)) if upload else None
     request = parse_request(flow_edit_request(mode, str(path) if path else None, *values), where="Flow edit")
     output, record, folder = ws.run(session, request)
     rebuilt = output.image("reconstruction.png") if MODES[mode] == "rf-invert" else None

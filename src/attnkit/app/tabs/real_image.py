@@ -2,7 +2,6 @@
 session for further edits (no second inversion) and can be downloaded as a zip and uploaded again.
 """
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image, unzip_inversion, zip_inversion
@@ -34,10 +33,7 @@ def run_invert(ws: Workspace, session: Session | None, upload: bytes | None, cap
     """Invert an upload: (fitted input, reconstruction, status, inversion zip, download paths, CLI line, session)."""
     session = session or Session()
     image = decode_image(upload)
-    uploads = ws.folder(session) / "uploads"
-    uploads.mkdir(exist_ok=True)
-    path = uploads / f"{uuid.uuid4().hex}.png"  # a generated name: never the one the browser sent
-    image.save(path)
+    path = ws.save_upload(session, image)
     request = parse_request({"method": "invert", "image": str(path), "prompt": caption, "inversion": method,
                              "steps": int(steps), "guidance": float(guidance), "inner_steps": int(inner_steps)},
                             where="Real image")

@@ -2,7 +2,6 @@
 prompt word (label + score in the legend).
 """
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image
@@ -33,12 +32,7 @@ def segment_request(prompt: str, clustering: str, segments: float | None, thresh
 def run_segment(ws: Workspace, session: Session | None, upload: bytes | None, prompt: str, *values: Any) -> tuple:
     """One Segment run: (overlay with legend, legend text, download paths, CLI line, session)."""
     session = session or Session()
-    path = None
-    if upload:
-        uploads = ws.folder(session) / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / f"{uuid.uuid4().hex}.png"  # a generated name: never the one the browser sent
-        decode_image(upload).save(path)
+    path = ws.save_upload(session, decode_image(upload)) if upload else None
     request = parse_request(segment_request(prompt, *values, image=str(path) if path else None), where="Segment")
     output, record, folder = ws.run(session, request)
     legend = "\n".join(output.result.legend())

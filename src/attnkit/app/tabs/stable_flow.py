@@ -1,7 +1,6 @@
 """The Stable Flow tab (MM-DiT models): edits that attend to the source's image keys and values in the vital
 layers, of a generated image or of an uploaded one; a grid with each prompt under its image."""
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image
@@ -37,12 +36,7 @@ def run_stable_flow(ws: Workspace, session: Session | None, upload: bytes | None
                     *values: Any) -> tuple:
     """One Stable Flow run: (grid image, download paths, CLI line, session)."""
     session = session or Session()
-    path = None
-    if upload:
-        uploads = ws.folder(session) / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / f"{uuid.uuid4().hex}.png"
-        decode_image(upload).save(path)
+    path = ws.save_upload(session, decode_image(upload)) if upload else None
     request = parse_request(stable_flow_request(source, *values, image=str(path) if path else None),
                             where="Stable Flow")
     output, record, folder = ws.run(session, request)

@@ -3,7 +3,6 @@ uploaded image (inverted) or a prompt (generated); the output has the structure'
 look, shown as structure | appearance | output.
 """
 
-import uuid
 from typing import Any
 
 from attnkit.app.uploads import decode_image
@@ -42,11 +41,7 @@ def _input(ws: Workspace, session: Session, role: str, upload: bytes | None, tex
     from attnkit.transfer import input_kind
 
     if upload:
-        uploads = ws.folder(session) / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / f"{uuid.uuid4().hex}.png"  # a generated name: never the one the browser sent
-        decode_image(upload).save(path)
-        return str(path)
+        return str(ws.save_upload(session, decode_image(upload)))
     text = (text or "").strip()
     if not text:
         raise AttnkitError(f"the {role} is empty: upload an image or type a prompt for it")
