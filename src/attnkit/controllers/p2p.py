@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attnkit.controllers.word_maps import WordMapSums
 from attnkit.engine import AttentionCall, AttnkitError, Control, Controller
 from attnkit.tokens import (
     check_prompt_length,
@@ -415,60 +416,20 @@ class LocalBlend(Controller):
 
     def on_enter(self, ctl: Control) -> None:
         self._ctl = ctl
-        self.sums: dict[int, list] = {}  # grid side → [add-word sum, subtract-word sum, layer calls]
-        self.chosen: int | None = self.res
+        token_sets = [self.add_tokens] + ([self.sub_tokens] if self.sub_tokens is not None else [])
+        self.sums = WordMapSums(token_sets, self.res, "LocalBlend")  # [source, *targets]: one mask each
         self.last_mask: torch.Tensor | None = None
 
-    def _selector(self, token_lists: list[list[int]], keys: int, device: Any) -> torch.Tensor:
-        sel = torch.zeros(len(self.prompts), keys, device=device)
-        for i, tokens in enumerate(token_lists):
-            sel[i, tokens] = 1.0
-        return sel
-
     def observe(self, call: AttentionCall) -> None:
-        if not call.is_cross:
-            return
-        side = max(call.height, call.width)
-        if self.chosen is not None and side != self.chosen:
-            return
-        if call.layout.prompts != len(self.prompts):
-            raise AttnkitError(f"the batch has {call.layout.prompts} prompts but LocalBlend was built for "
-                               f"{len(self.prompts)}; generate exactly [source, *targets]")
-        probs = call.probs(call.layout.cond_rows).float().mean(dim=1)  # (prompts, queries, keys)
-        keys = probs.shape[-1]
-        add = torch.einsum("bqk,bk->bq", probs, self._selector(self.add_tokens, keys, probs.device))
-        add = add.reshape(-1, 1, call.height, call.width)
-        sub = None
-        if self.sub_tokens is not None:
-            sub = torch.einsum("bqk,bk->bq", probs, self._selector(self.sub_tokens, keys, probs.device))
-            sub = sub.reshape(-1, 1, call.height, call.width)
-        entry = self.sums.get(side)
-        if entry is None:
-            self.sums[side] = [add, sub, 1]
-        else:
-            entry[0] = entry[0] + add
-            entry[1] = None if sub is None else entry[1] + sub
-            entry[2] += 1
-
-    def _pick_res(self, latent_hw: tuple[int, int]) -> int:
-        if not self.sums:
-            raise AttnkitError("LocalBlend saw no cross-attention maps; it needs a UNet with cross-attention")
-        if self.res is not None:
-            if self.res not in self.sums:
-                raise AttnkitError(f"LocalBlend res={self.res}: the cross-attention grids are "
-                                   f"{sorted(self.sums)}; pick one of them")
-            return self.res
-        # Prompt-to-Prompt reads the 16x16 maps of SD at 512 px (latent / 4): take the largest grid of at most
-        # max(16, latent / 4) (32 for SDXL at 1024 px, 16 for small models), else the smallest grid there is.
-        fitting = [side for side in self.sums if side <= max(16, max(latent_hw) // 4)]
-        return max(fitting) if fitting else min(self.sums)
+        self.sums.observe(call)
 
     def mask(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         """The current blend masks ``(prompts, 1, h, w)``: row ``i`` is the mask applied to target ``i``."""
-        add, sub, count = self.sums[self.chosen]
+        (add, *sub), count = self.sums.get()
         mask = _word_mask(add / count, latent_hw, self.threshold, pool=True)
         mask = mask[:1] | mask
-        if sub is not None:
+        if sub:
+            (sub,) = sub
             drop = _word_mask(sub / count, latent_hw, self.subtract_threshold, pool=False)
             mask = mask & ~(drop[:1] | drop)
         return mask
@@ -476,9 +437,7 @@ class LocalBlend(Controller):
     def on_step_end(self, ctl: Control, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         latents = tensors["latents"]
         hw = (int(latents.shape[-2]), int(latents.shape[-1]))
-        if self.chosen is None:
-            self.chosen = self._pick_res(hw)
-            self.sums = {self.chosen: self.sums[self.chosen]}
+        self.sums.choose(hw)
         mask = self.mask(hw)
         self.last_mask = mask  # the region each target may change: what a final pixel paste-back keeps
         if step < int(self.start * ctl.num_steps):

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from attnkit.controllers.word_maps import WordMapSums
 from attnkit.engine import (
     FAMILIES,
     STREAM_PLACES,
@@ -539,52 +540,28 @@ class MutualSelfAttention(SharedAttention):
 
 class _WordMaps:
     """Per prompt, the cross-attention map of chosen tokens on one grid (mean over layers and heads, summed over
-    the tokens), kept per step for the last ``window`` steps. The grid is LocalBlend's: the largest
-    cross-attention grid of at most ``max(16, latent side / 4)`` (16x16 for SD at 512 px, 32x32 for SDXL at
-    1024 px), or ``res``."""
+    the tokens), kept per step for the last ``window`` steps. The grid is LocalBlend's
+    (:func:`attnkit.controllers.word_maps.default_grid`), or ``res``."""
 
-    def __init__(self, tokens: list[list[int]], res: int | None, window: int) -> None:
-        self.tokens, self.res, self.window = tokens, res, window
+    def __init__(self, tokens: list[list[int]], res: int | None, window: int, owner: str) -> None:
+        self.current = WordMapSums([tokens], res, owner)
+        self.window = window
         self.reset()
 
     def reset(self) -> None:
-        self.chosen = self.res
-        self.current: dict[int, list] = {}  # grid side -> [sum of maps (P, h, w), layer calls]
+        self.current.reset()
         self.history: deque[torch.Tensor] = deque(maxlen=self.window)
 
     def observe(self, call: AttentionCall) -> None:
-        if not call.is_cross:
-            return
-        side = max(call.height, call.width)
-        if self.chosen is not None and side != self.chosen:
-            return
-        if call.layout.prompts != len(self.tokens):
-            raise AttnkitError(f"the batch has {call.layout.prompts} prompts but the subject/mask words were given "
-                               f"for {len(self.tokens)}; build the controller with the prompts you generate")
-        probs = call.probs(call.layout.cond_rows).float().mean(dim=1)  # (P, Q, K)
-        select = torch.zeros(probs.shape[0], probs.shape[-1], device=probs.device)
-        for i, positions in enumerate(self.tokens):
-            select[i, positions] = 1.0
-        maps = torch.einsum("pqk,pk->pq", probs, select).reshape(-1, call.height, call.width)
-        entry = self.current.get(side)
-        if entry is None:
-            self.current[side] = [maps, 1]
-        else:
-            entry[0] = entry[0] + maps
-            entry[1] += 1
+        self.current.observe(call)
 
     def end_step(self, latent_hw: tuple[int, int]) -> None:
-        if not self.current:
+        if not self.current.seen:
             return
-        if self.chosen is None:
-            fitting = [s for s in self.current if s <= max(16, max(latent_hw) // 4)]
-            self.chosen = max(fitting) if fitting else min(self.current)
-        if self.chosen not in self.current:
-            raise AttnkitError(f"no cross-attention maps on a {self.chosen}x{self.chosen} grid; the grids are "
-                               f"{sorted(self.current)}: pick one of them as res")
-        total, count = self.current[self.chosen]
-        self.history.append(total / count)
-        self.current = {}
+        self.current.choose(latent_hw)
+        (total,), count = self.current.get()
+        self.history.append(total[:, 0] / count)
+        self.current.sums = {}
 
     def mean(self) -> torch.Tensor | None:
         """The maps ``(P, h, w)`` averaged over the kept steps, or None before the first step ended."""
@@ -661,7 +638,8 @@ class MaskedMutualSelfAttention(_MasksFromWordMaps, MutualSelfAttention):
         self.prompts = list(prompts)
         self.roles(len(self.prompts))
         self.threshold = float(threshold)
-        self.maps = _WordMaps(_word_tokens(tokenizer, self.prompts, words, "mask word"), res, window)
+        self.maps = _WordMaps(_word_tokens(tokenizer, self.prompts, words, "mask word"), res, window,
+                              "MaskedMutualSelfAttention")
         self.words = words
 
 
@@ -733,7 +711,8 @@ class SubjectShare(_MasksFromWordMaps, SharedAttention):
         self.roles(len(self.prompts))
         self.subject = subject
         self.mask_dropout, self.threshold, self.seed = float(mask_dropout), threshold, int(seed)
-        self.maps = _WordMaps(_word_tokens(tokenizer, self.prompts, subject, "subject word"), res, window)
+        self.maps = _WordMaps(_word_tokens(tokenizer, self.prompts, subject, "subject word"), res, window,
+                              "SubjectShare")
 
     def on_enter(self, ctl: Control) -> None:
         super().on_enter(ctl)
