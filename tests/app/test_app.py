@@ -190,6 +190,34 @@ def test_the_served_app_keeps_sessions_apart_and_errors_as_messages(pipe, tmp_pa
         demo.close()
 
 
+def test_the_served_app_keeps_at_most_max_sessions_and_no_flags_of_ended_runs(pipe, tmp_path):
+    from gradio_client import Client
+
+    demo, ws = build_app(pipe, tmp_path / "app", RunContext(model="tiny"))
+    port = free_port()
+    launch(demo, ws, port=port, block=False, quiet=True, max_sessions=2)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for k in range(4):  # four sessions, one request each: the two oldest are pushed out
+            Client(url, verbose=False).predict("a red circle", k, 2, 7.5, "16", PLACES, 0, 1, api_name="/maps")
+            assert len(demo.state_holder.session_data) == min(k + 1, 2)
+        assert ws.flags == {}  # a run's cancel flag lives only while it runs
+    finally:
+        demo.close()
+
+
+def test_launch_and_the_command_agree_on_the_session_limit_and_refuse_zero(pipe, tmp_path):
+    import inspect
+
+    from attnkit.app import server
+    from attnkit.app.command import app_command
+
+    assert inspect.signature(app_command).parameters["max_sessions"].default == server.MAX_SESSIONS
+    demo, ws = build_app(pipe, tmp_path / "app", RunContext(model="tiny"))
+    with pytest.raises(AttnkitError, match="at least one session"):
+        launch(demo, ws, port=free_port(), block=False, quiet=True, max_sessions=0)
+
+
 def test_segment_tab_labels_segments_of_a_generated_and_an_uploaded_image(ws):
     overlay, legend, files, cli, session = run_segment(ws, None, None, "a red circle and a blue square", "merge",
                                                        3, 0.3, "bilateral", 4, 2, 7.5)
@@ -295,3 +323,13 @@ def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_ru
     with pytest.raises(gr.Error, match="swap_guidance"):
         wrapped(ws, None, None, "a red circle", None, "a blue square", "", 1.67, 0.5, True, 1, 0)
 
+
+
+def test_freed_memory_goes_back_to_the_system_where_the_c_library_can():
+    import platform
+
+    from attnkit.app.workspace import _malloc_trim, return_freed_memory
+
+    if platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None  # glibc: malloc_trim found, called after every run
+    return_freed_memory()  # elsewhere a no-op, never an error

@@ -23,6 +23,9 @@ def app_command(
     dtype: Annotated[str, typer.Option(help="float32 (fp32), float16 (fp16) or bfloat16 (bf16).")] = "float32",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No start-up messages.")] = False,
+    max_sessions: Annotated[int, typer.Option(
+        help="Sessions kept in memory (about 2.5 MB each); the least recently used one is dropped first and "
+             "starts afresh on its next request.")] = 64,
 ) -> None:
     """Start the web app: one tab per method (Maps, Edit, Real image, ...) on one pipeline; every result
     downloadable with its record.json and the attnkit command that makes it again."""
@@ -38,6 +41,8 @@ def app_command(
         import torch
 
         torch.set_num_threads(threads)
+    if max_sessions < 1:
+        raise AttnkitError(f"--max-sessions {max_sessions}: keep at least one session")
     if not 0 < port < 65536:
         raise AttnkitError(f"--port {port}: give a port from 1 to 65535")
     import transformers
@@ -51,4 +56,4 @@ def app_command(
     demo, ws = build_app(pipe, out, RunContext(model=model, device=device, dtype=dtype))
     if not quiet and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"attnkit: serving on {host}: anyone who can reach this machine can use the app", err=True)
-    launch(demo, ws, host=host, port=port, quiet=quiet)
+    launch(demo, ws, host=host, port=port, quiet=quiet, max_sessions=max_sessions)

@@ -11,11 +11,17 @@ from typing import Any
 
 from attnkit.app.uploads import MAX_UPLOAD_BYTES
 from attnkit.app.workspace import Session, Workspace
+from attnkit.engine import AttnkitError
 from attnkit.runs import RunContext
 
 HEADER = ("# attnkit\nAttention maps and attention control for diffusers pipelines. Model: **{model}**. Every "
           "result can be downloaded (PNGs carry the prompt and settings, `record.json` says what ran) and comes "
           "with the `attnkit` command that makes it again.")
+# Gradio keeps a copy of the page's configuration for every session it has seen (~2.5 MB of RSS each with
+# attnkit's tabs) until this many newer sessions push the oldest out, so the server's memory levels off instead of
+# growing with every visitor. A pushed-out session starts afresh on its next request (a new folder; its kept
+# inversion is gone from memory, its files stay on disk).
+MAX_SESSIONS = 64
 
 
 def build_app(pipe: Any, out: Path, ctx: RunContext) -> tuple[Any, Workspace]:
@@ -38,9 +44,13 @@ def build_app(pipe: Any, out: Path, ctx: RunContext) -> tuple[Any, Workspace]:
 
 
 def launch(demo: Any, ws: Workspace, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
-           quiet: bool = False) -> Any:
-    """Serve the app (localhost unless ``host`` says otherwise); files are served only from the output folder."""
+           quiet: bool = False, max_sessions: int = MAX_SESSIONS) -> Any:
+    """Serve the app (localhost unless ``host`` says otherwise); files are served only from the output folder;
+    at most ``max_sessions`` sessions are kept in memory, the least recently used pushed out first."""
+    if max_sessions < 1:
+        raise AttnkitError(f"max_sessions={max_sessions}: keep at least one session")
     ws.out.mkdir(parents=True, exist_ok=True)
     return demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet,
+                       state_session_capacity=max_sessions,
                        allowed_paths=[str(ws.out)], max_file_size=MAX_UPLOAD_BYTES, show_error=False,
                        footer_links=["api"], ssr_mode=False)

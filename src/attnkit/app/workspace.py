@@ -46,6 +46,28 @@ class Session:
         self.inversion_prompt: str | None = None
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system (glibc's ``malloc_trim``; a no-op elsewhere). A run frees
+    its tensors, but glibc keeps the pages in the arena of the worker thread that freed them, and gradio runs each
+    request on whichever worker thread is free: without this the server's RSS creeps up run after run though
+    nothing is kept."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def denoiser(pipe: Any) -> Any:
     return getattr(pipe, "unet", None) or pipe.transformer
 
@@ -65,7 +87,8 @@ def cancellable(pipe: Any, flag: threading.Event) -> Iterator[None]:
 
 
 class Workspace:
-    """The app's server side: the pipeline, its lock, the output folder, the sessions' cancel flags."""
+    """The app's server side: the pipeline, its lock, the output folder, the cancel flags of the runs under way
+    (one per session while it runs, so nothing here grows with the number of sessions)."""
 
     def __init__(self, pipe: Any, out: Path, ctx: RunContext) -> None:
         self.pipe, self.out, self.ctx = pipe, Path(out).resolve(), ctx
@@ -97,19 +120,25 @@ class Workspace:
             text = request.args.get(key)
             if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
                 raise AttnkitError(f"the prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
-        flag = self.flags.setdefault(session.id, threading.Event())
-        flag.clear()
+        flag = self.flags[session.id] = threading.Event()
         ctx = RunContext(model=self.ctx.model, device=self.ctx.device, dtype=self.ctx.dtype, progress=True,
                          keep_self_maps=keep_self_maps)
-        with self.lock, cancellable(self.pipe, flag):
-            output = execute(self.pipe, request, ctx)
+        try:
+            with self.lock, cancellable(self.pipe, flag):
+                output = execute(self.pipe, request, ctx)
+        finally:
+            self.flags.pop(session.id, None)
+            return_freed_memory()
         folder = self.new_folder(session, request.method)
         with staged_folder(folder) as staging:
             record = write_output(output, staging, ctx, out=folder)
         return output, record, folder
 
     def cancel(self, session: Session) -> None:
-        self.flags.setdefault(session.id, threading.Event()).set()
+        """Stop the session's run under way at the denoiser's next call (nothing to do when none is)."""
+        flag = self.flags.get(session.id)
+        if flag is not None:
+            flag.set()
 
 
 def files_of(folder: Path, record: dict[str, Any]) -> list[str]:
