@@ -4,14 +4,15 @@
     python benchmarks/app_load.py --quick    # 6 rounds at 5 steps, the server keeping 8 sessions (under 5 minutes)
 
 The app runs as its own process (``attnkit app`` on 127.0.0.1; its one queue serialises the pipeline) and only
-its memory is measured; every client is a gradio_client.Client in its own thread of this process. A request is answered correctly when its word list is the prompt's
-words and its record.json names its own prompt and seed. Prints a table and one JSON line: requests, answered,
-correct, lost, seconds, rss_mb_before (after one warm-up request), rss_mb_after (after each round),
-rss_growth_first_round_mb, rss_growth_later_rounds_mb, rss_growth_once_full_mb (what the rounds after the
-server's session store is full, ``--max-sessions``, the app's default 64, still add; each client is a new session)
-and rss_mb_per_round_once_full (a least-squares slope over those rounds, steadier than two noisy end points).
-Memory is flat when those are ~0: until the store is full every new session adds gradio's copy of the page's
-configuration (about 2.5 MB, ~20 MB per round of 8).
+its memory is measured; every client is a gradio_client.Client in its own thread of this process. A request is
+answered correctly when its word list is the prompt's words and its record.json names its own prompt and seed.
+Prints a table and one JSON line: requests, answered, correct, lost, seconds, rss_mb_before (after one warm-up
+request), rss_mb_after (after each round), rss_growth_first_round_mb, rss_growth_later_rounds_mb,
+rss_growth_once_full_mb (what the rounds after the server's session store is full still add; the store holds
+``--max-sessions``, the app's default 64, and each client is a new session) and rss_mb_per_round_once_full (a
+least-squares slope over those rounds, steadier than two noisy end points). Memory is flat when those are ~0:
+until the store is full every new session adds gradio's copy of the page's configuration (about 2.5 MB, ~20 MB
+per round of 8).
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def main() -> None:
     # The server's log (progress bars included) goes to a file: a pipe nobody drains fills up after a few rounds
     # and blocks the server in mid-run.
     log = open(Path(out) / "server.log", "w+")  # noqa: SIM115 - closed with the server below
-    server = subprocess.Popen([sys.executable, "-m", "attnkit", "app", "--port", str(port), "--out", out,
-                               "--threads", "1", "--quiet", "--max-sessions", str(max_sessions)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=log, text=True)
+    command = [sys.executable, "-m", "attnkit", "app", "--port", str(port), "--out", out, "--threads", "1", "--quiet",
+               "--max-sessions", str(max_sessions)]
+    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=log, text=True)
     try:
         _wait_for_port(port, server, log)
         url = f"http://127.0.0.1:{port}/"
