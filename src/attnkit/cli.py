@@ -338,6 +338,17 @@ class _Run:
         _quiet_loading(quiet)
         return cls(command, prompt, model, device, dtype)
 
+    def input_image(self, image: str | Path | None) -> Any:
+        """The command's input image as a PIL image (None when not given), read before the model loads so that
+        a bad file fails first; its path goes into the record."""
+        if image is None:
+            return None
+        from attnkit.images import load_image
+
+        picture = load_image(image)
+        self.record["image"] = str(image)
+        return picture
+
     def load(self) -> Any:
         """The run's pipeline, its loading time recorded."""
         import torch
@@ -538,12 +549,11 @@ def invert(image: Annotated[str, typer.Argument(help="The image file to invert."
     (reconstruction PSNR, crop, timings)."""
     _check_inversion_options(method, inner_steps, lr, crop)
     run = _Run.begin("invert", prompt, model, device, dtype, threads, quiet, out, steps, guidance)
-    from attnkit.images import load_image, psnr
+    from attnkit.images import psnr
     from attnkit.inversion import check_prompt, reconstruct
     from attnkit.models import warn_unknown_words
 
-    picture = load_image(image)  # a bad file fails before the model loads
-    run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         check_prompt(pipe, prompt)
@@ -1129,12 +1139,7 @@ def segment(prompt: Annotated[str, typer.Option(help="The prompt to generate, or
 
     _check_options(method, refine, real, threshold, segments, 1, timestep)
     run = _Run.begin("segment", prompt, model, device, dtype, threads, quiet, out, steps, guidance, height, width)
-    picture = None
-    if image is not None:
-        from attnkit.images import load_image
-
-        picture = load_image(image)  # a bad file fails before the model loads
-        run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         from attnkit.segmentation import segment as segment_image
@@ -1311,12 +1316,7 @@ def concepts_command(
     run = _Run.begin("concepts", prompt if prompt.strip() else "(none)", model, device, dtype, threads, quiet, out,
                      steps, guidance, height, width)
     run.record["prompt"] = prompt
-    picture = None
-    if image is not None:
-        from attnkit.images import load_image
-
-        picture = load_image(image)  # a bad file fails before the model loads
-        run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         from attnkit.concepts import concept_maps
@@ -1375,12 +1375,7 @@ def stable_flow_command(
         raise AttnkitError("--vital chooses among measured vital layers; leave it out when you pass --layer")
     model = _mmdit_model(model)
     run = _Run.begin("stable-flow", source, model, device, dtype, threads, quiet, out, steps, guidance, height, width)
-    picture = None
-    if image is not None:
-        from attnkit.images import load_image
-
-        picture = load_image(image)
-        run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         from attnkit.stable_flow import stable_flow_edit, vital_layers
@@ -1459,10 +1454,9 @@ def rf_invert_command(
     run = _Run.begin("rf-invert", prompt, model, device, dtype, threads, quiet, out, steps, guidance)
     if edit_guidance is not None:
         _check_sampling(None, edit_guidance, None, None)
-    from attnkit.images import load_image, psnr
+    from attnkit.images import psnr
 
-    picture = load_image(image)  # a bad file fails before the model loads
-    run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         from attnkit.flow_inversion import rf_edit, rf_invert, rf_reconstruct
@@ -1523,10 +1517,7 @@ def flow_edit_command(
             _finite(value, option)
     model = _mmdit_model(model)
     run = _Run.begin("flow-edit", source, model, device, dtype, threads, quiet, out, steps)
-    from attnkit.images import load_image
-
-    picture = load_image(image)
-    run.record["image"] = str(image)
+    picture = run.input_image(image)  # a bad file fails before the model loads
     with _staged_output(out) as folder:
         pipe = run.load()
         from attnkit.flow_edit import flow_edit
