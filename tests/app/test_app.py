@@ -2,7 +2,6 @@
 messages, sessions kept apart, cancel, upload limits."""
 
 import io
-import json
 import socket
 import threading
 import time
@@ -37,20 +36,14 @@ def ws(pipe, tmp_path):
     return Workspace(pipe, tmp_path / "app", RunContext(model="tiny"))
 
 
-def png_bytes(size=(40, 32), colour=(220, 30, 30)):
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_maps_tab_gives_image_word_maps_downloads_and_the_cli_line(ws):
+def test_maps_tab_gives_image_word_maps_downloads_and_the_cli_line(ws, record_of):
     image, words, files, cli, session = run_maps(ws, None, "a red circle and a blue square", 3, 2, 7.5, "16",
                                                  PLACES, 0.0, 1.0)
     assert [w for _, w in words] == ["a", "red", "circle", "and", "blue", "square"]  # each word once, in order
     folder = ws.out / session.id
     for path in [p for p, _ in words] + files:
         assert Path(path).is_file() and Path(path).resolve().is_relative_to(folder)
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["command"] == "maps" and record["seed"] == 3 and record["res"] == 16
     assert cli == record["cli"] and cli.startswith("attnkit maps 'a red circle and a blue square' --seed 3")
     assert read_png_metadata(next(f for f in files if f.endswith("image.png")))["prompt"] == record["prompt"]
@@ -62,20 +55,20 @@ def test_maps_tab_gives_image_word_maps_downloads_and_the_cli_line(ws):
         self_attention_at(Session(), 1, 1, (64, 64))
 
 
-def test_maps_tab_step_window_and_layers_reach_the_run(ws):
+def test_maps_tab_step_window_and_layers_reach_the_run(ws, record_of):
     _, _, files, cli, _ = run_maps(ws, None, "a red circle", 0, 4, 7.5, "16", ["up"], 0.5, 1.0)
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["window"] == [0.5, 1.0] and record["places"] == ["up"]
     assert "attnkit batch -" in cli  # the CLI has no window option: the same job through attnkit batch
 
 
-def test_edit_tab_makes_a_captioned_grid(ws):
+def test_edit_tab_makes_a_captioned_grid(ws, record_of):
     grid, files, cli, session = run_edit(ws, None, "a lemon cake", "a chocolate cake\na lego cake", "auto", 0.8,
                                          0.4, 16, "lego=2", "cake", 0.3, 8888, 2, 7.5)
     names = sorted(Path(f).name for f in files)
     assert names == ["00_source.png", "01_chocolate.png", "02_lego.png", "grid.png", "record.json"]
     assert grid.width > grid.height  # three images side by side, captions under them
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["targets"] == ["a chocolate cake", "a lego cake"] and record["reweight"] == {"lego": 2.0}
     assert "--reweight lego=2" in cli and "--blend cake" in cli
 
@@ -92,7 +85,7 @@ def test_errors_become_messages_in_the_page(ws):
         friendly(lambda: 1 / 0)()
 
 
-def test_real_image_tab_inverts_once_and_edits_again_and_again(ws):
+def test_real_image_tab_inverts_once_and_edits_again_and_again(ws, png_bytes, record_of):
     outputs = run_invert(ws, None, png_bytes(), "a red square on a white background", "ddim", 3, 7.5, 10)
     fitted, rebuilt, status, archive, files, cli, session = outputs
     assert fitted.size == rebuilt.size and "PSNR" in status
@@ -102,7 +95,7 @@ def test_real_image_tab_inverts_once_and_edits_again_and_again(ws):
     grids = []
     for target in ["a blue square on a white background", "a green square on a white background"]:
         grid, files, cli, session = run_real_edit(ws, session, target, 0.8, 0.5, "", False)
-        record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+        record = record_of(files)
         assert record["reused_inversion"] and "invert" not in record["timings"]  # no second inversion
         assert f"--image {session.inversion_dir}" in cli
         grids.append(np.asarray(grid))
@@ -218,12 +211,12 @@ def test_launch_and_the_command_agree_on_the_session_limit_and_refuse_zero(pipe,
         launch(demo, ws, port=free_port(), block=False, quiet=True, max_sessions=0)
 
 
-def test_segment_tab_labels_segments_of_a_generated_and_an_uploaded_image(ws):
+def test_segment_tab_labels_segments_of_a_generated_and_an_uploaded_image(ws, png_bytes, record_of):
     overlay, legend, files, cli, session = run_segment(ws, None, None, "a red circle and a blue square", "merge",
                                                        3, 0.3, "bilateral", 4, 2, 7.5)
     names = sorted(Path(f).name for f in files)
     assert names == ["image.png", "labels.png", "overlay.png", "record.json"]
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["command"] == "segment" and record["settings"]["method"] == "merge"
     assert legend.splitlines() == [
         f"{s['index']} – {s['label']}" + ("" if s["label"] == "background" else f" {s['score']:.2f}")
@@ -233,14 +226,14 @@ def test_segment_tab_labels_segments_of_a_generated_and_an_uploaded_image(ws):
     assert cli.startswith("attnkit segment --prompt 'a red circle and a blue square' --method merge")
     _, _, files, _, _ = run_segment(ws, session, png_bytes(), "a red square", "kmeans", None, 0.4, "none", 0, 2,
                                     7.5)
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["image"].startswith(str(ws.folder(session) / "uploads"))  # a generated name, not the upload's
     assert record["settings"]["real"] == "noise"
     with pytest.raises(gr.Error, match="segments"):
         friendly(run_segment)(ws, None, None, "a red square", "kmeans", 1, 0.4, "none", 0, 2, 7.5)
 
 
-def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws):
+def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws, record_of):
     from attnkit.app.tabs.style import run_style
 
     style = ["Style Aligned", "a red circle\n\na blue square\na green triangle", "outlined", 0.69, 1.0, True,
@@ -249,7 +242,7 @@ def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws):
     names = [Path(f).name for f in files]
     assert names == ["grid.png", "00_reference.png", "01_a_blue_square_outlined.png",
                      "02_a_green_triangle_outlined.png", "record.json"]  # the empty line is no prompt
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["command"] == "style" and record["prompts"][0] == "a red circle, outlined"
     assert record["shift"] == 0.69 and record["adain_values"] and record["share_group_norm"] is False
     reference = Image.open(next(f for f in files if f.endswith("00_reference.png")))
@@ -259,7 +252,7 @@ def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws):
     consistent = ["ConsiStory (subject)", "a red circle\na circle on a black background", "ignored", 0, 1, False,
                   "off", 0, "circle", 0.3, 5, 2, 7.5]
     _, files, cli, again = run_style(ws, session, *consistent)
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert again is session and record["command"] == "consistent" and record["subject"] == "circle"
     assert cli.startswith("attnkit consistent 'a red circle' 'a circle on a black background' --subject circle")
     assert "--style" not in cli and record["mask_dropout"] == 0.3
@@ -270,7 +263,7 @@ def test_style_tab_makes_a_grid_in_either_mode_and_refuses_one_prompt(ws):
         friendly(run_style)(ws, None, *consistent[:1], "a red circle\na blue square", *consistent[2:])
 
 
-def test_style_tab_runs_masactrl_edits_from_the_first_prompt(ws):
+def test_style_tab_runs_masactrl_edits_from_the_first_prompt(ws, record_of):
     from attnkit.app.tabs.style import run_style
 
     masa = ["MasaCtrl (edit)", "a red circle\na red square\na red diamond", "ignored", 0.5, 1.0, False, "off", 0,
@@ -278,7 +271,7 @@ def test_style_tab_runs_masactrl_edits_from_the_first_prompt(ws):
     grid, files, cli, _ = run_style(ws, None, *masa)
     names = [Path(f).name for f in files]
     assert names == ["grid.png", "00_source.png", "01_square.png", "02_diamond.png", "record.json"]
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     assert record["command"] == "mutual-edit" and record["prompts"] == masa[1].splitlines()
     assert (record["start_step"], record["start_layer"], record["mask_words"]) == (1, 0.5, "red")
     assert cli.startswith("attnkit mutual-edit 'a red circle' --to 'a red square' --to 'a red diamond'")
@@ -291,7 +284,7 @@ def test_style_tab_runs_masactrl_edits_from_the_first_prompt(ws):
         friendly(run_style)(ws, None, *masa[:-1], "circle")
 
 
-def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_run(ws):
+def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_run(ws, png_bytes, record_of):
     from attnkit.app.tabs.transfer import run_transfer
 
     strip, files, cli, session = run_transfer(ws, None, None, "a red circle", png_bytes(), "", "a red circle",
@@ -299,7 +292,7 @@ def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_ru
     assert [Path(f).name for f in files] == ["strip.png", "output.png", "structure.png",
                                              "structure_reconstructed.png", "appearance.png",
                                              "appearance_reconstructed.png", "record.json"]
-    record = json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
+    record = record_of(files)
     upload = Path(record["appearance"])
     assert upload.parent == ws.folder(session) / "uploads" and len(upload.stem) == 32  # a generated name
     assert record["command"] == "transfer" and record["structure"] == "a red circle" and record["seed"] == 3
@@ -322,7 +315,6 @@ def test_transfer_tab_takes_a_prompt_and_an_upload_and_refuses_what_it_cannot_ru
         wrapped(ws, None, png_bytes(), "", None, "a blue square", "", 1.67, 3.5, True, 1, 0)
     with pytest.raises(gr.Error, match="swap_guidance"):
         wrapped(ws, None, None, "a red circle", None, "a blue square", "", 1.67, 0.5, True, 1, 0)
-
 
 
 def test_freed_memory_goes_back_to_the_system_where_the_c_library_can():

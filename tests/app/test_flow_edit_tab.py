@@ -1,13 +1,9 @@
 """The Flow edit tab through its run function, on a tiny FLUX pipeline (and refused on a UNet), and the app
 builds with it."""
 
-import io
-import json
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from PIL import Image
 
 from attnkit.app.server import build_app
 from attnkit.app.tabs.flow_edit import run_flow_edit
@@ -27,17 +23,7 @@ def ws(pipe, tmp_path):
     return Workspace(pipe, tmp_path / "app", RunContext(model="tiny-flux"))
 
 
-def png_bytes():
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 32), (220, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def record_of(files):
-    return json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
-
-
-def test_inversion_and_flowedit_modes(ws):
+def test_inversion_and_flowedit_modes(ws, png_bytes, record_of):
     grid, rebuilt, files, cli, session = run_flow_edit(ws, None, png_bytes(), "Inversion + regeneration", SOURCE,
                                                        TARGET, "fireflow", 2, None, 0)
     record = record_of(files)
@@ -52,7 +38,7 @@ def test_inversion_and_flowedit_modes(ws):
         friendly(run_flow_edit)(ws, None, None, "FlowEdit (no inversion)", SOURCE, TARGET, "euler", 2, None, 0)
 
 
-def test_a_unet_is_refused_and_the_app_builds(tmp_path):
+def test_a_unet_is_refused_and_the_app_builds(tmp_path, png_bytes):
     unet = load_model("tiny")
     ws = Workspace(unet, tmp_path / "app", RunContext(model="tiny"))
     with pytest.raises(gr.Error, match="attnkit.invert"):

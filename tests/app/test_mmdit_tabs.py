@@ -1,13 +1,10 @@
 """The Concepts and Stable Flow tabs through their run functions, on a tiny SD3 pipeline (and refused on a
 UNet), and the app builds with them."""
 
-import io
-import json
 from pathlib import Path
 
 import gradio as gr
 import pytest
-from PIL import Image
 
 from attnkit.app.server import build_app
 from attnkit.app.tabs.concepts import run_concepts
@@ -26,17 +23,7 @@ def ws(pipe, tmp_path):
     return Workspace(pipe, tmp_path / "app", RunContext(model="tiny-sd3"))
 
 
-def png_bytes():
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 32), (220, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def record_of(files):
-    return json.loads(next(Path(f) for f in files if f.endswith("record.json")).read_text())
-
-
-def test_concepts_tab_maps_a_generated_and_an_uploaded_image(ws):
+def test_concepts_tab_maps_a_generated_and_an_uploaded_image(ws, png_bytes, record_of):
     strip, segments, files, cli, session = run_concepts(ws, None, None, "a red cat wearing sunglasses",
                                                         "cat, sunglasses", "", 0.5, 1, 2, 5.0)
     names = sorted(Path(f).name for f in files)
@@ -50,7 +37,7 @@ def test_concepts_tab_maps_a_generated_and_an_uploaded_image(ws):
         friendly(run_concepts)(ws, None, None, "a red cat", " , ", "", 0.5, 0, 2, 5.0)
 
 
-def test_stable_flow_tab_edits_with_named_or_vital_layers(ws):
+def test_stable_flow_tab_edits_with_named_or_vital_layers(ws, record_of):
     grid, files, cli, _ = run_stable_flow(ws, None, None, "a red cat", "a blue cat", "transformer_blocks.0", None,
                                           1, 2, 5.0)
     assert record_of(files)["layers"] == ["transformer_blocks.0"] and grid.width > grid.height
