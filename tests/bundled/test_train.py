@@ -45,14 +45,15 @@ def test_train_export_resume_and_warm_start(tmp_path):
         (other / name).symlink_to(run / name)
     trainer.train_unet(other, 0.01, 16, export_dir=tmp_path / "export2", text_layers=1,
                        warm_start=run / "ckpt" / "ema.safetensors", ground_weight=0.1, open_rates=(0.5, 0.5),
-                       **TOY)
+                       bind_weight=0.5, **TOY)
     line = next(x for x in _log(other).splitlines() if "warm start" in x)
     copied, total = map(int, line.rsplit(": ", 1)[1].split()[0].split("/"))
     assert 0 < copied < total  # the new transformer layer has nothing to copy from
-    grounding = torch.load(other / "unet_state.pt", weights_only=False)["state"]["last_grounding"]
-    assert 0 < grounding <= 2  # the grounding loss ran (token loss and coverage, each at most 1)
+    state = torch.load(other / "unet_state.pt", weights_only=False)["state"]
+    assert 0 < state["last_grounding"] <= 2  # the grounding loss ran (token loss and coverage, each at most 1)
+    assert 0 <= state["last_binding"] <= 1  # and its pixel side
     info = json.loads((tmp_path / "export2" / "training_info.json").read_text())
-    assert info["ground_weight"] == 0.1 and "iou" in info["eval"]["1.5"]
+    assert info["ground_weight"] == 0.1 and info["bind_weight"] == 0.5 and "iou" in info["eval"]["1.5"]
     # grammar v2: the open captions were trained on and the evaluation scored open prompts too
     assert info["open_color_rate"] == info["open_background_rate"] == 0.5
     assert {"open_background_entropy", "open_color_entropy", "open_prompted_acc"} <= set(info["eval"]["1.5"])
@@ -121,3 +122,29 @@ def test_grounding_loss_is_zero_for_attention_spread_over_the_mask():
     logits = torch.zeros(1, 4, 3, requires_grad=True)  # gradients reach the attention scores
     trainer.grounding_loss([logits.softmax(dim=1)], targets).backward()
     assert logits.grad[0, :2, 1].lt(0).all() and logits.grad[0, 2:, 1].gt(0).all()
+
+
+def test_binding_loss_is_the_squared_share_of_another_objects_words():
+    # two objects: token 1 belongs to the object on cells 0-1, token 2 to the object on cells 2-3
+    target = torch.zeros(1, 4, 4)
+    target[0, 1, :2] = 1.0
+    target[0, 2, 2:] = 1.0
+    weight = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    targets = {2: (target, weight)}
+
+    def loss(own: float, other: float, ungrounded: float = 0.0) -> float:
+        maps = torch.zeros(1, 4, 4)  # (B, cells, tokens): every cell's distribution over the tokens
+        maps[0, :2, 1], maps[0, :2, 2] = own, other
+        maps[0, 2:, 2], maps[0, 2:, 1] = own, other
+        maps[0, :, 0] = maps[0, :, 3] = ungrounded
+        return trainer.binding_loss([maps], targets).item()
+
+    assert loss(0.5, 0.0, 0.25) == 0.0  # each object's pixels attend only to their own words
+    assert abs(loss(0.3, 0.1, 0.3) - 0.25**2) < 1e-6  # a quarter of the object-word mass goes astray
+    assert abs(loss(0.0, 0.4) - 1.0) < 1e-6
+    assert abs(loss(0.3, 0.1, 0.0) - loss(0.3, 0.1, 0.3)) < 1e-6  # the start and padding tokens do not count
+    one = {2: (target[:, :2], weight[:, :2])}  # a single object has no other words to attend to
+    assert trainer.binding_loss([torch.full((1, 4, 2), 0.5)], one).item() == 0.0
+    logits = torch.zeros(1, 4, 4, requires_grad=True)  # the gradient moves each cell towards its own words
+    trainer.binding_loss([logits.softmax(dim=2)], targets).backward()
+    assert logits.grad[0, :2, 2].gt(0).all() and logits.grad[0, :2, 1].lt(0).all()

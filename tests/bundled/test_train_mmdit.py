@@ -126,3 +126,5 @@ def test_cli_family_mmdit_calls_the_mmdit_trainer(tmp_path, monkeypatch):
     assert result.exit_code == 0 and seen["lr"] == 3e-4 and seen["open_color_rate"] == 0.0
     result = CliRunner().invoke(app, [*args, "--family", "vit"])
     assert result.exit_code == 2 and "use unet or mmdit" in result.output
+    result = CliRunner().invoke(app, [*args, "--bind-weight", "0.5"])
+    assert result.exit_code == 2 and "unet only" in result.output

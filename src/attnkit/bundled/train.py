@@ -489,6 +489,30 @@ def grounding_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tens
     return torch.stack(losses).mean()
 
 
+def binding_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The pixel side of grounding: of the attention an object's pixels give to object words, the share that
+    goes to *another* object's words, squared, per image with two or more objects and layer, averaged.
+
+    :func:`grounding_loss` normalises each word's map over the pixels, so it cannot see a pixel that gives
+    most of its attention to the wrong object's colour word; this term reads each pixel's distribution over
+    the tokens instead. It is what "a circle and a green diamond" drawn as two green diamonds violates. Same
+    ``maps`` and ``targets`` as :func:`grounding_loss`; a cell's owner is the object covering most of it.
+    """
+    losses, weights = [], []
+    for a in maps:
+        target, weight = targets[math.isqrt(a.shape[1])]
+        m = target * weight[..., None]  # (B, tokens, H*W): each grounded token's object mask
+        cover = m.amax(dim=1, keepdim=True)  # (B, 1, H*W): how much of the cell its main object covers
+        other = (cover - m) * weight[..., None]  # > 0 where a token belongs to an object that is not the cell's
+        a = a.transpose(1, 2)  # (B, tokens, H*W)
+        leak = (a * other).sum((1, 2))
+        total = (a * cover * weight[..., None]).sum((1, 2))
+        several = (other.sum((1, 2)) > 0).float()  # one object alone has nothing to leak to
+        losses.append((leak / total.clamp(min=1e-8)) ** 2 * several)
+        weights.append(several)
+    return torch.stack(losses).sum() / torch.stack(weights).sum().clamp(min=1.0)
+
+
 def train_unet(
     run_dir: Path,
     minutes: float,
@@ -507,13 +531,14 @@ def train_unet(
     restart_schedule: bool = False,
     ground_weight: float = 0.0,
     open_rates: tuple[float, float] = (0.0, 0.0),
+    bind_weight: float = 0.0,
 ) -> None:
     """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable).
 
     ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
     initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step;
     ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss;
-    ``open_rates``: (colour, background) rates at which grammar v2 leaves attributes open in the captions
+    ``bind_weight``: weight of its pixel side (:func:`binding_loss`); ``open_rates``: (colour, background) rates at which grammar v2 leaves attributes open in the captions
     (:func:`~attnkit.bundled.scenes.training_prompt`); above 0, the evaluation also scores open prompts.
     """
     from safetensors.torch import load_file, save_file
@@ -610,7 +635,7 @@ def train_unet(
                 info = {"step": state["step"], "samples_seen": state["samples"],
                         "train_minutes": state["seconds"] / 60, "eval": results, "unet_size": size,
                         "n_scenes": n_data, "batch": batch, "lr": lr, "seed": seed,
-                        "text_layers": text_layers, "ground_weight": ground_weight,
+                        "text_layers": text_layers, "ground_weight": ground_weight, "bind_weight": bind_weight,
                         "open_color_rate": open_rates[0], "open_background_rate": open_rates[1]}
                 export_model(pipe, export_dir, defaults, info)
                 log(run_dir, f"exported to {export_dir} (mean {state['best']:.3f}, guidance {best_g})")
@@ -632,6 +657,7 @@ def train_unet(
     te.train()
     losses: list[float] = []
     ground_losses: list[float] = []
+    bind_losses: list[float] = []
     t_log = time.time()
     while time.time() < end:
         step = state["step"]
@@ -660,19 +686,23 @@ def train_unet(
         xt = a * x0 + s * noise
         v = a * noise - s * x0
         enc = te(tids).last_hidden_state
-        if ground_weight > 0:
+        if ground_weight > 0 or bind_weight > 0:
             # dataset row i is the scene of training seed i, so its masks are one render away
             targets = grounding_targets(tok, idx.tolist(), drop, open_rates)
             tap = _CrossAttentionTap()
             with control(SimpleNamespace(unet=unet), tap, layout=Layout(prompts=batch, cfg=False)) as ctl:
                 ctl.set_step(0, 1)
                 pred = unet(xt, t, enc).sample
-            g_loss = grounding_loss(tap.maps, targets)
-            ground_losses.append(g_loss.item())
+            g_loss = ground_weight * grounding_loss(tap.maps, targets)
+            ground_losses.append(g_loss.item() / ground_weight if ground_weight > 0 else 0.0)
+            if bind_weight > 0:
+                b_loss = binding_loss(tap.maps, targets)
+                bind_losses.append(b_loss.item())
+                g_loss = g_loss + bind_weight * b_loss
         else:
             pred = unet(xt, t, enc).sample
         mse = F.mse_loss(pred, v)
-        loss = mse + ground_weight * g_loss if ground_weight > 0 else mse
+        loss = mse + g_loss if ground_weight > 0 or bind_weight > 0 else mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -687,6 +717,7 @@ def train_unet(
         if state["step"] % 50 == 0:
             state["last_loss"] = float(np.mean(losses[-50:]))
             grounding = f" grounding {np.mean(ground_losses[-50:]):.4f}" if ground_losses else ""
+            grounding += f" binding {np.mean(bind_losses[-50:]):.4f}" if bind_losses else ""
             log(run_dir, f"step {state['step']} loss {state['last_loss']:.4f}{grounding} lr {cur_lr:.2e} "
                          f"{state['samples'] / state['seconds']:.1f} samples/s, {state['samples']} seen")
         if now - last_ckpt > 300:
@@ -697,6 +728,8 @@ def train_unet(
             last_eval = t_log = time.time()
     if ground_losses:
         state["last_grounding"] = float(np.mean(ground_losses[-50:]))
+    if bind_losses:
+        state["last_binding"] = float(np.mean(bind_losses[-50:]))
     evaluate_and_export()
     save_ckpt()
     log(run_dir, f"unet: stopped at step {state['step']} ({state['samples']} samples, "
@@ -721,6 +754,7 @@ def train(
     open_color_rate: float = 0.0,
     open_background_rate: float = 0.0,
     guidances: tuple[float, ...] = (1.5, 2.5),
+    bind_weight: float = 0.0,
 ) -> None:
     """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
 
@@ -737,7 +771,8 @@ def train(
     train_unet(run_dir, minutes, n_scenes, size=size, batch=batch, lr=lr, seed=seed, export_dir=Path(export_dir),
                text_layers=text_layers, warm_start=Path(warm_start) if warm_start else None,
                restart_schedule=restart_schedule, ground_weight=ground_weight,
-               open_rates=(open_color_rate, open_background_rate), guidances=tuple(guidances))
+               open_rates=(open_color_rate, open_background_rate), guidances=tuple(guidances),
+               bind_weight=bind_weight)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -761,12 +796,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="grammar v2: how often a caption leaves an object's colour open (the shipped model: 0.2)")
     p.add_argument("--open-background-rate", type=float, default=0.0,
                    help="grammar v2: how often a caption leaves the background open (the shipped model: 0.25)")
+    p.add_argument("--bind-weight", type=float, default=0.0,
+                   help="weight of the grounding loss's pixel side (binding_loss): an object's pixels attending to "
+                        "another object's words")
     p.add_argument("--guidances", type=float, nargs="+", default=[1.5, 2.5],
                    help="guidance scales the periodic evaluation compares (the best one is exported)")
     a = p.parse_args(argv)
     train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
           a.end_at, a.text_layers, a.warm_start, a.restart_schedule, a.ground_weight, a.open_color_rate,
-          a.open_background_rate, tuple(a.guidances))
+          a.open_background_rate, tuple(a.guidances), a.bind_weight)
 
 
 if __name__ == "__main__":
