@@ -1,28 +1,11 @@
-"""Tiny random MM-DiT pipelines (built once per session) and a sampling helper for the adapter tests."""
+"""A sampling helper for the adapter tests (the tiny MM-DiT pipelines are tests/conftest.py's)."""
 
 import pytest
 import torch
 
 from attnkit import control
-from attnkit.testing import tiny_pipeline
 
 PROMPTS = ["a red cat wearing sunglasses", "a blue circle"]
-
-
-@pytest.fixture(scope="session")
-def sd3_pipe():
-    return tiny_pipeline("sd3")
-
-
-@pytest.fixture(scope="session")
-def flux_pipe():
-    return tiny_pipeline("flux")
-
-
-@pytest.fixture(params=["sd3", "flux"])
-def mmdit(request, sd3_pipe, flux_pipe):
-    """Each MM-DiT family in turn."""
-    return sd3_pipe if request.param == "sd3" else flux_pipe
 
 
 def sample(pipe, *controllers, steps=2, prompts=PROMPTS, output_type="np", **kwargs):

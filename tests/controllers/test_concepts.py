@@ -16,25 +16,10 @@ PROMPT = "a red cat wearing sunglasses"
 CONCEPTS = ["cat", "sunglasses", "red"]
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return tiny_pipeline("sd3")
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_pipeline("flux")
-
-
-@pytest.fixture(params=["sd3", "flux"])
-def pipe(request, sd3, flux):
-    return sd3 if request.param == "sd3" else flux
-
-
-def test_image_unchanged_with_concept_attention(pipe):
-    plain = generate(pipe, PROMPT, steps=2, progress=False)
-    ca = ConceptAttention(embed_concepts(pipe, CONCEPTS))
-    with_ca = generate(pipe, PROMPT, ca, steps=2, progress=False)
+def test_image_unchanged_with_concept_attention(mmdit):
+    plain = generate(mmdit, PROMPT, steps=2, progress=False)
+    ca = ConceptAttention(embed_concepts(mmdit, CONCEPTS))
+    with_ca = generate(mmdit, PROMPT, ca, steps=2, progress=False)
     assert (with_ca.latents - plain.latents).abs().max() <= 1e-5
     maps = ca.maps()
     assert maps.shape == (3, 8, 8)
@@ -42,12 +27,12 @@ def test_image_unchanged_with_concept_attention(pipe):
     assert ca.steps_seen == {0, 1}
 
 
-def test_hooks_removed_after_the_block_and_on_errors(pipe):
-    model = pipe.transformer
+def test_hooks_removed_after_the_block_and_on_errors(mmdit):
+    model = mmdit.transformer
     saved = dict(model.attn_processors)
-    ca = ConceptAttention(embed_concepts(pipe, CONCEPTS))
+    ca = ConceptAttention(embed_concepts(mmdit, CONCEPTS))
     with pytest.raises(RuntimeError, match="boom"):
-        with control(pipe, ca):
+        with control(mmdit, ca):
             assert model.context_embedder._forward_pre_hooks
             raise RuntimeError("boom")
     assert not model.context_embedder._forward_pre_hooks
@@ -69,12 +54,12 @@ def _heads(x, heads):
     return x.unflatten(-1, (heads, -1))  # (B, S, H, d)
 
 
-def test_flux_saliency_matches_a_by_hand_concept_stream(flux):
+def test_flux_saliency_matches_a_by_hand_concept_stream(flux_pipe):
     """Oracle: the concept stream propagated by hand through FLUX's double blocks (text weights), the
     saliency of the last block computed from the formulas."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    pipe = flux
+    pipe = flux_pipe
     tokens = embed_concepts(pipe, CONCEPTS)
     records, handles = _capture_blocks(pipe)
     try:
@@ -123,10 +108,10 @@ def test_flux_saliency_matches_a_by_hand_concept_stream(flux):
     assert plain.latents is not None
 
 
-def test_sd3_saliency_matches_the_formula_at_block_0(sd3):
+def test_sd3_saliency_matches_the_formula_at_block_0(sd3_pipe):
     """Oracle at SD3's first block: concepts = context_embedder(tokens), modulated by the block's text norm;
     the conditional row of the guidance batch is read."""
-    pipe = sd3
+    pipe = sd3_pipe
     tokens = embed_concepts(pipe, CONCEPTS)
     records, handles = _capture_blocks(pipe)
     try:
@@ -176,26 +161,26 @@ def test_default_blocks_follow_the_paper():
         default_blocks(0)
 
 
-def test_concept_maps_generated_and_real(pipe):
-    maps = concept_maps(pipe, PROMPT, CONCEPTS, steps=2, progress=False)
+def test_concept_maps_generated_and_real(mmdit):
+    maps = concept_maps(mmdit, PROMPT, CONCEPTS, steps=2, progress=False)
     assert isinstance(maps, ConceptMaps) and maps.concepts == CONCEPTS
     assert maps["cat"].shape == (8, 8) and maps.upsample().shape == (3, 32, 32)
     labels = maps.segment()
     assert labels.shape == (32, 32) and int(labels.max()) < 3
     assert torch.equal(maps.mask("cat"), labels == 0)
     assert maps.strip().width > maps.image.width
-    real = concept_maps(pipe, "", ["cat", "background"], image=maps.image, samples=2, progress=False)
+    real = concept_maps(mmdit, "", ["cat", "background"], image=maps.image, samples=2, progress=False)
     assert real.maps.shape == (2, 8, 8) and real.settings["real_image"] and real.steps == [0]
     assert real.record()["method"] == "concept-attention"
 
 
-def test_composes_with_the_store(pipe):
+def test_composes_with_the_store(mmdit):
     store = attnkit.AttentionStore(res=None)
-    maps = concept_maps(pipe, PROMPT, CONCEPTS, store, steps=2, progress=False)
+    maps = concept_maps(mmdit, PROMPT, CONCEPTS, store, steps=2, progress=False)
     assert store.word_map(PROMPT, "cat").shape == maps["cat"].shape
 
 
-def test_bad_input(pipe):
+def test_bad_input(mmdit):
     with pytest.raises(AttnkitError, match="no concepts"):
         check_concepts([])
     with pytest.raises(AttnkitError, match="repeat"):
@@ -203,15 +188,15 @@ def test_bad_input(pipe):
     with pytest.raises(AttnkitError, match="list of words"):
         check_concepts("cat")
     with pytest.raises(AttnkitError, match="does not exist"):
-        concept_maps(pipe, PROMPT, CONCEPTS, blocks=[7], steps=1, progress=False)
+        concept_maps(mmdit, PROMPT, CONCEPTS, blocks=[7], steps=1, progress=False)
     with pytest.raises(AttnkitError, match="noise_level"):
-        concept_maps(pipe, "", CONCEPTS, image=tiny_image(), noise_level=0.0, progress=False)
+        concept_maps(mmdit, "", CONCEPTS, image=tiny_image(), noise_level=0.0, progress=False)
     with pytest.raises(AttnkitError, match="prompt is empty"):
-        concept_maps(pipe, " ", CONCEPTS, progress=False)
+        concept_maps(mmdit, " ", CONCEPTS, progress=False)
     with pytest.raises(AttnkitError, match="channels"):
-        with control(pipe, ConceptAttention(torch.zeros(2, 3))):
+        with control(mmdit, ConceptAttention(torch.zeros(2, 3))):
             pass
-    assert not pipe.transformer.context_embedder._forward_pre_hooks
+    assert not mmdit.transformer.context_embedder._forward_pre_hooks
 
 
 def test_refused_on_a_unet():
@@ -229,15 +214,15 @@ def tiny_image():
     return Image.new("RGB", (32, 32), (200, 30, 30))
 
 
-def test_flux_true_cfg_negative_pass_carries_the_concepts_unseen(flux):
+def test_flux_true_cfg_negative_pass_carries_the_concepts_unseen(flux_pipe):
     """FLUX's true CFG runs the negative prompt as a second pass per step: the concept tokens ride it too (the
     shapes work), the image is unchanged, and only the conditional pass is read."""
     kw = dict(num_inference_steps=2, true_cfg_scale=2.0, negative_prompt="a blue cat", output_type="latent")
-    plain = flux(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
-    ca = ConceptAttention(embed_concepts(flux, CONCEPTS))
-    with control(flux, ca) as ctl:
-        latents = flux(PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=ctl.callback,
-                       **kw).images
+    plain = flux_pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
+    ca = ConceptAttention(embed_concepts(flux_pipe, CONCEPTS))
+    with control(flux_pipe, ca) as ctl:
+        latents = flux_pipe(PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=ctl.callback,
+                            **kw).images
     assert (latents - plain).abs().max() <= 1e-5
     assert ca.counts == {"transformer_blocks.1.attn.cross": 2}
 

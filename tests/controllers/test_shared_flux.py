@@ -12,20 +12,9 @@ import torch
 from attnkit import Controller, StyleAligned, control
 from attnkit.adapters.flux import RotaryPositions
 from attnkit.controllers.shared import mean_std
-from attnkit.testing import tiny_pipeline
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_pipeline("flux")
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return tiny_pipeline("sd3")
 
 
 def run(pipe, *controllers, prompts=PROMPTS, steps=2):
@@ -47,8 +36,8 @@ def rope(x: torch.Tensor, ids: torch.Tensor, model) -> torch.Tensor:
     return out.flatten(-2).to(x.dtype)
 
 
-def test_rotary_positions_shift_against_the_oracle(flux):
-    model = flux.transformer
+def test_rotary_positions_shift_against_the_oracle(flux_pipe):
+    model = flux_pipe.transformer
     h, w = 4, 5
     ids = torch.zeros(h * w, 3)
     ids[:, 1] = torch.arange(h).repeat_interleave(w).float()
@@ -79,9 +68,9 @@ class Spy(Controller):
 
 
 @pytest.mark.parametrize("layer", ["transformer_blocks.1.attn.self", "single_transformer_blocks.0.attn.self"])
-def test_reference_keys_sit_beside_the_image_and_adain_is_position_free(flux, layer):
+def test_reference_keys_sit_beside_the_image_and_adain_is_position_free(flux_pipe, layer):
     before, after = Spy(layer), Spy(layer)
-    run(flux, before, StyleAligned(), after)
+    run(flux_pipe, before, StyleAligned(), after)
     q, k, positions = before.seen["query"], before.seen["key"], before.seen["positions"]
     gh, gw = before.seen["height"], before.seen["width"]
     assert positions is not None and (gh, gw) == (8, 8)
@@ -89,7 +78,7 @@ def test_reference_keys_sit_beside_the_image_and_adain_is_position_free(flux, la
     key = after.seen["key"]
     assert key.shape[-2] == 2 * n
     # The oracle: the reference's raw keys (positions taken out) rotated to rows i, columns j + width.
-    model = flux.transformer
+    model = flux_pipe.transformer
     ids = torch.zeros(n, 3)
     ids[:, 1] = torch.arange(gh).repeat_interleave(gw).float()
     ids[:, 2] = torch.arange(gw).repeat(gh).float()
@@ -109,47 +98,47 @@ def test_reference_keys_sit_beside_the_image_and_adain_is_position_free(flux, la
     torch.testing.assert_close(after.seen["query"][1:2], expected_q, atol=1e-4, rtol=1e-4)
 
 
-def test_without_sharing_the_output_is_unchanged(flux):
-    free = run(flux)
-    off = run(flux, StyleAligned(share_attention=False))
-    no_steps = run(flux, StyleAligned(steps=(0, 0)))
+def test_without_sharing_the_output_is_unchanged(flux_pipe):
+    free = run(flux_pipe)
+    off = run(flux_pipe, StyleAligned(share_attention=False))
+    no_steps = run(flux_pipe, StyleAligned(steps=(0, 0)))
     assert np.array_equal(off, free) and np.array_equal(no_steps, free)
-    shared = run(flux, StyleAligned())
+    shared = run(flux_pipe, StyleAligned())
     np.testing.assert_allclose(shared[0], free[0], atol=1e-5)  # the reference is what it is without sharing
     assert np.abs(shared[1:] - free[1:]).max() > 1e-3
 
 
-def test_the_position_shift_changes_what_targets_see(flux):
-    shifted = run(flux, StyleAligned())
-    collided = run(flux, StyleAligned(shift_positions=False))
+def test_the_position_shift_changes_what_targets_see(flux_pipe):
+    shifted = run(flux_pipe, StyleAligned())
+    collided = run(flux_pipe, StyleAligned(shift_positions=False))
     np.testing.assert_allclose(shifted[0], collided[0], atol=1e-6)
     assert np.abs(shifted[1:] - collided[1:]).max() > 1e-4
 
 
-def test_single_stream_only_as_alignedgen(flux):
+def test_single_stream_only_as_alignedgen(flux_pipe):
     spy = Spy("transformer_blocks.0.attn.self")
-    run(flux, StyleAligned(places=("single",)), spy)
+    run(flux_pipe, StyleAligned(places=("single",)), spy)
     assert spy.seen["key"].shape[-2] == 64  # double-stream layers keep their own keys
 
 
-def test_sd3_shares_without_positions(sd3):
+def test_sd3_shares_without_positions(sd3_pipe):
     spy = Spy("transformer_blocks.1.attn.self")
-    free = run(sd3, prompts=PROMPTS[:2])
-    shared = run(sd3, StyleAligned(), spy, prompts=PROMPTS[:2])
+    free = run(sd3_pipe, prompts=PROMPTS[:2])
+    shared = run(sd3_pipe, StyleAligned(), spy, prompts=PROMPTS[:2])
     assert spy.seen["positions"] is None and spy.seen["key"].shape[-2] == 2 * 64
     np.testing.assert_allclose(shared[0], free[0], atol=1e-5)
     assert math.isfinite(float(np.abs(shared[1] - free[1]).max()))
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
-def test_real_reference_follows_its_rectified_flow_inversion(flux, sd3, kind):
+def test_real_reference_follows_its_rectified_flow_inversion(flux_pipe, sd3_pipe, kind):
     from PIL import Image
 
     from attnkit import style_aligned
     from attnkit.adapters.flux import unpack
     from attnkit.flow_inversion import FlowInversion
 
-    pipe = flux if kind == "flux" else sd3
+    pipe = flux_pipe if kind == "flux" else sd3_pipe
     photo = Image.new("RGB", (32, 32), (30, 160, 60))
     result = style_aligned(pipe, ["a green circle", "a red square"], reference=photo, steps=3,
                            inversion_guidance=1.0, progress=False)
