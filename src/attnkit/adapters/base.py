@@ -150,3 +150,20 @@ def check_no_skipping_hooks(model: Any) -> None:
                                    "controllers would silently miss layers; remove it (e.g. "
                                    "diffusers.hooks.HookRegistry.check_if_exists_or_initialize(module)"
                                    f".remove_hook({hook!r}, recurse=True)) before attnkit.control")
+
+
+def project_heads(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Projected ``(batch, tokens, heads * dim)`` q/k/v split into ``(batch, heads, tokens, dim)``, with the
+    layer's q/k norms where it has them, as diffusers' processors do. Returns ``(query, key, value, head_dim)``.
+
+    Usage: ``query, key, value, head_dim = project_heads(attn, attn.to_q(x), attn.to_k(x), attn.to_v(x))``.
+    """
+    batch = query.shape[0]
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.adapters.base import Adapter, ModelCall, check_processor
+from attnkit.adapters.base import Adapter, ModelCall, check_processor, project_heads
 from attnkit.adapters.joint import Views, add_text_tokens, attend_joint, split_extra
 from attnkit.engine import AttnkitError, AttnkitProcessor, Control, LayerInfo, TokenLayout
 
@@ -132,17 +132,8 @@ class SD3Processor(AttnkitProcessor):
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = project_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                                    attn.to_v(hidden_states))
         image_tokens = query.shape[2]
         extra = None
         if encoder_hidden_states is not None:

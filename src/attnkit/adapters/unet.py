@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.adapters.base import Adapter, ModelCall, check_processor
+from attnkit.adapters.base import Adapter, ModelCall, check_processor, project_heads
 from attnkit.engine import (
     AttentionCall,
     AttnkitError,
@@ -124,16 +124,7 @@ class UNetProcessor(AttnkitProcessor):
             context = hidden_states
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = project_heads(attn, query, attn.to_k(context), attn.to_v(context))
 
         hidden_states = attend(self.ctl, self.layer, queries, query, key, value, attention_mask, head_dim)
 
