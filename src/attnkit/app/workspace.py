@@ -134,6 +134,12 @@ class Workspace:
             record = write_output(output, staging, ctx, out=folder)
         return output, record, folder
 
+    def run_picture(self, session: Session, request: Request, picture: str) -> tuple:
+        """Run ``request`` for a tab that shows one picture of the run: (that picture, download paths, CLI
+        line, session). Usage: ``return ws.run_picture(session, request, "grid.png")``."""
+        output, record, folder = self.run(session, request)
+        return output.image(picture), files_of(folder, record), record["cli"], session
+
     def cancel(self, session: Session) -> None:
         """Stop the session's run under way at the denoiser's next call (nothing to do when none is)."""
         flag = self.flags.get(session.id)

@@ -6,7 +6,7 @@ with each prompt under its image.
 from typing import Any
 
 from attnkit.app.widgets import downloads_row, queue_run, run_buttons, sampling_row
-from attnkit.app.workspace import Session, Workspace, files_of
+from attnkit.app.workspace import Session, Workspace
 from attnkit.runs import parse_request
 
 TITLE = "Edit"
@@ -37,8 +37,7 @@ def run_edit(ws: Workspace, session: Session | None, *values: Any) -> tuple:
     """One Edit run: (grid image, download paths, CLI line, session)."""
     session = session or Session()
     request = parse_request(edit_request(*values), where="Edit")
-    output, record, folder = ws.run(session, request)
-    return output.image("grid.png"), files_of(folder, record), record["cli"], session
+    return ws.run_picture(session, request, "grid.png")
 
 
 def build(ws: Workspace, state: Any) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 from attnkit.app.uploads import decode_image
 from attnkit.app.widgets import downloads_row, queue_run, run_buttons, sampling_row
-from attnkit.app.workspace import Session, Workspace, files_of
+from attnkit.app.workspace import Session, Workspace
 from attnkit.runs import parse_request
 
 TITLE = "Stable Flow"
@@ -39,8 +39,7 @@ def run_stable_flow(ws: Workspace, session: Session | None, upload: bytes | None
     path = ws.save_upload(session, decode_image(upload)) if upload else None
     request = parse_request(stable_flow_request(source, *values, image=str(path) if path else None),
                             where="Stable Flow")
-    output, record, folder = ws.run(session, request)
-    return output.image("grid.png"), files_of(folder, record), record["cli"], session
+    return ws.run_picture(session, request, "grid.png")
 
 
 def build(ws: Workspace, state: Any) -> None:

@@ -7,7 +7,7 @@ its image, the reference (source) first.
 from typing import Any
 
 from attnkit.app.widgets import downloads_row, queue_run, run_buttons, sampling_row
-from attnkit.app.workspace import MAX_PROMPT_CHARS, Session, Workspace, files_of
+from attnkit.app.workspace import MAX_PROMPT_CHARS, Session, Workspace
 from attnkit.engine import AttnkitError
 from attnkit.runs import parse_request
 
@@ -68,8 +68,7 @@ def run_style(ws: Workspace, session: Session | None, *values: Any) -> tuple:
     session = session or Session()
     data = style_request(*values)
     request = parse_request(data, where=TITLE)
-    output, record, folder = ws.run(session, request)
-    return output.image("grid.png"), files_of(folder, record), record["cli"], session
+    return ws.run_picture(session, request, "grid.png")
 
 
 def build(ws: Workspace, state: Any) -> None:

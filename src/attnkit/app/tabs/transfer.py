@@ -7,7 +7,7 @@ from typing import Any
 
 from attnkit.app.uploads import decode_image
 from attnkit.app.widgets import downloads_row, queue_run, run_buttons
-from attnkit.app.workspace import MAX_PROMPT_CHARS, Session, Workspace, files_of
+from attnkit.app.workspace import MAX_PROMPT_CHARS, Session, Workspace
 from attnkit.engine import AttnkitError
 from attnkit.runs import get_method, parse_request
 
@@ -61,8 +61,7 @@ def run_transfer(ws: Workspace, session: Session | None, structure_upload: bytes
     structure = _input(ws, session, "structure", structure_upload, structure_prompt)
     appearance = _input(ws, session, "appearance", appearance_upload, appearance_prompt)
     request = parse_request(transfer_request(*values, structure=structure, appearance=appearance), where=TITLE)
-    output, record, folder = ws.run(session, request)
-    return output.image("strip.png"), files_of(folder, record), record["cli"], session
+    return ws.run_picture(session, request, "strip.png")
 
 
 def build(ws: Workspace, state: Any) -> None:
