@@ -538,8 +538,9 @@ def train_unet(
     ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
     initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step;
     ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss;
-    ``bind_weight``: weight of its pixel side (:func:`binding_loss`); ``open_rates``: (colour, background) rates at which grammar v2 leaves attributes open in the captions
-    (:func:`~attnkit.bundled.scenes.training_prompt`); above 0, the evaluation also scores open prompts.
+    ``bind_weight``: weight of its pixel side (:func:`binding_loss`); ``open_rates``: (colour, background) rates
+    at which grammar v2 leaves attributes open in the captions (:func:`~attnkit.bundled.scenes.training_prompt`);
+    above 0, the evaluation also scores open prompts.
     """
     from safetensors.torch import load_file, save_file
 
@@ -686,6 +687,7 @@ def train_unet(
         xt = a * x0 + s * noise
         v = a * noise - s * x0
         enc = te(tids).last_hidden_state
+        attention_loss = 0.0  # the weighted grounding and binding terms, where asked for
         if ground_weight > 0 or bind_weight > 0:
             # dataset row i is the scene of training seed i, so its masks are one render away
             targets = grounding_targets(tok, idx.tolist(), drop, open_rates)
@@ -693,16 +695,18 @@ def train_unet(
             with control(SimpleNamespace(unet=unet), tap, layout=Layout(prompts=batch, cfg=False)) as ctl:
                 ctl.set_step(0, 1)
                 pred = unet(xt, t, enc).sample
-            g_loss = ground_weight * grounding_loss(tap.maps, targets)
-            ground_losses.append(g_loss.item() / ground_weight if ground_weight > 0 else 0.0)
+            if ground_weight > 0:
+                g_loss = grounding_loss(tap.maps, targets)
+                ground_losses.append(g_loss.item())
+                attention_loss = attention_loss + ground_weight * g_loss
             if bind_weight > 0:
                 b_loss = binding_loss(tap.maps, targets)
                 bind_losses.append(b_loss.item())
-                g_loss = g_loss + bind_weight * b_loss
+                attention_loss = attention_loss + bind_weight * b_loss
         else:
             pred = unet(xt, t, enc).sample
         mse = F.mse_loss(pred, v)
-        loss = mse + g_loss if ground_weight > 0 or bind_weight > 0 else mse
+        loss = mse + attention_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
