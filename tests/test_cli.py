@@ -163,6 +163,8 @@ def test_train_bundled_calls_the_trainer(tmp_path, monkeypatch):
     assert seen["n_scenes"] == 60000 and seen["lr"] == 3e-4 and seen["restart_schedule"] is True
     assert seen["text_layers"] == 0 and seen["warm_start"] == tmp_path / "ema.safetensors"
     assert seen["ground_weight"] == 0.1 and seen["bind_weight"] == 0.5
+    result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--bind-weight", "-1")
+    assert result.exit_code == 2 and "give 0 or more" in result.output
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])

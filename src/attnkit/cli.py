@@ -827,6 +827,8 @@ def train_bundled(
     mmdit = family == "mmdit"
     if mmdit and bind_weight:
         raise typer.BadParameter("--bind-weight applies to --family unet only: leave it out for mmdit")
+    if bind_weight < 0:
+        raise typer.BadParameter(f"--bind-weight is a loss weight: give 0 or more, not {bind_weight}")
     picked = {"n_scenes": n_scenes, "lr": lr, "ground_weight": ground_weight, "open_color_rate": open_color_rate,
               "open_background_rate": open_background_rate}
     defaults = ({"n_scenes": 60_000, "lr": 8e-4, "ground_weight": 0.1, "open_color_rate": 0.2,
