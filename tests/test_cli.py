@@ -155,16 +155,18 @@ def test_train_bundled_calls_the_trainer(tmp_path, monkeypatch):
     assert seen == {"run_dir": tmp_path / "run", "minutes": 0.5, "export_dir": tmp_path / "run" / "model",
                     "n_scenes": 100_000, "lr": 1e-3, "restart_schedule": False, "text_layers": 2, "warm_start": None,
                     "ground_weight": 0.0, "open_color_rate": 0.0, "open_background_rate": 0.0,
-                    "bind_weight": 0.0}
+                    "bind_weight": 0.0, "coherence_weight": 0.0}
     result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--n-scenes", "60000", "--lr", "3e-4",
                     "--restart-schedule", "--text-layers", "0", "--warm-start", tmp_path / "ema.safetensors",
-                    "--ground-weight", "0.1", "--bind-weight", "0.5")
+                    "--ground-weight", "0.1", "--bind-weight", "0.5", "--coherence-weight", "2")
     assert result.exit_code == 0, result.output
     assert seen["n_scenes"] == 60000 and seen["lr"] == 3e-4 and seen["restart_schedule"] is True
     assert seen["text_layers"] == 0 and seen["warm_start"] == tmp_path / "ema.safetensors"
-    assert seen["ground_weight"] == 0.1 and seen["bind_weight"] == 0.5
+    assert seen["ground_weight"] == 0.1 and seen["bind_weight"] == 0.5 and seen["coherence_weight"] == 2.0
     result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--bind-weight", "-1")
     assert result.exit_code == 2 and "give 0 or more" in result.output
+    result = invoke("train-bundled", "--run-dir", tmp_path / "run", "--coherence-weight", "1", "--family", "mmdit")
+    assert result.exit_code == 2 and "unet only" in result.output
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])

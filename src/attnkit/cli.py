@@ -809,6 +809,9 @@ def train_bundled(
     bind_weight: Annotated[float, typer.Option(
         help="Weight of the grounding loss's pixel side: an object's pixels attending to another object's words "
              "(attnkit.bundled.train.binding_loss; unet only).")] = 0.0,
+    coherence_weight: Annotated[float, typer.Option(
+        help="Weight of the loss that keeps an open-coloured object one colour, not a blend "
+             "(attnkit.bundled.train.coherence_loss; unet only).")] = 0.0,
     open_color_rate: Annotated[float | None, typer.Option(
         help="Grammar v2: how often a training caption leaves an object's colour open (\"a circle\"; default: 0; "
              "the shipped model and mmdit: 0.2).", show_default=False)] = None,
@@ -825,10 +828,11 @@ def train_bundled(
     if family not in ("unet", "mmdit"):
         raise typer.BadParameter(f"--family {family!r}: use unet or mmdit")
     mmdit = family == "mmdit"
-    if mmdit and bind_weight:
-        raise typer.BadParameter("--bind-weight applies to --family unet only: leave it out for mmdit")
-    if bind_weight < 0:
-        raise typer.BadParameter(f"--bind-weight is a loss weight: give 0 or more, not {bind_weight}")
+    for name, weight in (("--bind-weight", bind_weight), ("--coherence-weight", coherence_weight)):
+        if mmdit and weight:
+            raise typer.BadParameter(f"{name} applies to --family unet only: leave it out for mmdit")
+        if weight < 0:
+            raise typer.BadParameter(f"{name} is a loss weight: give 0 or more, not {weight}")
     picked = {"n_scenes": n_scenes, "lr": lr, "ground_weight": ground_weight, "open_color_rate": open_color_rate,
               "open_background_rate": open_background_rate}
     defaults = ({"n_scenes": 60_000, "lr": 8e-4, "ground_weight": 0.1, "open_color_rate": 0.2,
@@ -852,7 +856,7 @@ def train_bundled(
     train(run_dir=run_dir, minutes=minutes, export_dir=export_dir or run_dir / "model", n_scenes=n_scenes, lr=lr,
           restart_schedule=restart_schedule, text_layers=text_layers, warm_start=warm_start,
           ground_weight=ground_weight, open_color_rate=open_color_rate,
-          open_background_rate=open_background_rate, bind_weight=bind_weight)
+          open_background_rate=open_background_rate, bind_weight=bind_weight, coherence_weight=coherence_weight)
 
 
 # -- shared attention: style (Style Aligned) and consistent (ConsiStory's subject sharing) -------------------

@@ -45,13 +45,14 @@ def test_train_export_resume_and_warm_start(tmp_path):
         (other / name).symlink_to(run / name)
     trainer.train_unet(other, 0.01, 16, export_dir=tmp_path / "export2", text_layers=1,
                        warm_start=run / "ckpt" / "ema.safetensors", ground_weight=0.1, open_rates=(0.5, 0.5),
-                       bind_weight=0.5, **TOY)
+                       bind_weight=0.5, coherence_weight=1.0, **TOY)
     line = next(x for x in _log(other).splitlines() if "warm start" in x)
     copied, total = map(int, line.rsplit(": ", 1)[1].split()[0].split("/"))
     assert 0 < copied < total  # the new transformer layer has nothing to copy from
     state = torch.load(other / "unet_state.pt", weights_only=False)["state"]
     assert 0 < state["last_grounding"] <= 2  # the grounding loss ran (token loss and coverage, each at most 1)
     assert 0 <= state["last_binding"] <= 1  # and its pixel side
+    assert state["last_coherence"] >= 0  # and the one-colour term of the open-coloured objects
     info = json.loads((tmp_path / "export2" / "training_info.json").read_text())
     assert info["ground_weight"] == 0.1 and info["bind_weight"] == 0.5 and "iou" in info["eval"]["1.5"]
     # grammar v2: the open captions were trained on and the evaluation scored open prompts too
@@ -148,3 +149,43 @@ def test_binding_loss_is_the_squared_share_of_another_objects_words():
     logits = torch.zeros(1, 4, 4, requires_grad=True)  # the gradient moves each cell towards its own words
     trainer.binding_loss([logits.softmax(dim=2)], targets).backward()
     assert logits.grad[0, :2, 2].gt(0).all() and logits.grad[0, :2, 1].lt(0).all()
+
+
+def test_coherence_masks_hold_the_interior_of_open_solid_objects_only():
+    from attnkit.bundled.scenes import render_scene, training_prompt
+
+    seeds = [s for s in range(400) if any(render_scene(s).objects[i].fill == "solid"
+                                          for i in training_prompt(s, 0.5, 0.5).open_colors)][:3]
+    full = next(s for s in range(400) if not training_prompt(s, 0.5, 0.5).open_colors)
+    masks, rows = trainer.coherence_masks([full] + seeds, torch.zeros(4, dtype=torch.bool), (0.5, 0.5))
+    assert len(rows) > 0 and 0 not in rows.tolist()  # a caption naming every colour gives none
+    for mask, row in zip(masks, rows, strict=True):
+        seed = ([full] + seeds)[row]
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        for i in training_prompt(seed, 0.5, 0.5).open_colors:
+            obj = render_scene(seed).objects[i]
+            inside |= torch.from_numpy(obj.mask.reshape(16, 4, 16, 4).all(axis=(1, 3)))
+        assert mask.sum() >= 2 and inside[mask.bool()].all()  # interior cells lie wholly inside an open object
+        assert not mask[0].any() and not mask[-1].any()  # and a cell away from its edge
+    dropped = torch.ones(4, dtype=torch.bool)  # captions dropped for guidance have nothing to hold
+    assert len(trainer.coherence_masks([full] + seeds, dropped, (0.5, 0.5))[1]) == 0
+    # with every colour named there is nothing open
+    assert len(trainer.coherence_masks(seeds, torch.zeros(3, dtype=torch.bool), (0.0, 0.0))[1]) == 0
+
+
+def test_coherence_loss_is_the_variance_of_the_error_inside_the_object():
+    mask = torch.zeros(1, 4, 4)
+    mask[0, 1:3, 1:3] = 1.0  # a 2x2 interior
+    rows = torch.tensor([0])
+    error = torch.zeros(1, 2, 4, 4)
+    error[0, :, 1:3, 1:3] = 0.7  # one wrong colour over the whole object: no penalty
+    error[0, :, 0, :] = 5.0  # outside the interior: not counted
+    assert trainer.coherence_loss(error, mask, rows).item() == 0.0
+    error[0, 0, 1, 1:3], error[0, 0, 2, 1:3] = 1.0, -1.0  # channel 0 half one way, half the other
+    assert abs(trainer.coherence_loss(error, mask, rows).item() - 0.5) < 1e-6  # variance 1, mean of 2 channels
+    assert trainer.coherence_loss(error, mask[:0], rows[:0]).item() == 0.0  # no open objects in the batch
+    pred = torch.zeros(1, 2, 4, 4, requires_grad=True)  # the gradient pulls the cells towards their mean
+    target = torch.zeros(1, 2, 4, 4)
+    target[0, 0, 1, 1] = 1.0
+    trainer.coherence_loss(pred - target, mask, rows).backward()
+    assert pred.grad[0, 0, 1, 1] < 0 and pred.grad[0, 0, 2, 2] > 0 and pred.grad[0, 0, 0, 0] == 0

@@ -513,6 +513,56 @@ def binding_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tensor
     return torch.stack(losses).sum() / torch.stack(weights).sum().clamp(min=1.0)
 
 
+def coherence_masks(seeds: list[int], dropped: torch.Tensor, open_rates: tuple[float, float],
+                    grid: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interior latent cells of every solid object whose colour its caption leaves open: (masks (M, grid,
+    grid) of 0/1, batch index (M,)). A cell is interior when it and its eight neighbours lie wholly inside the
+    object, so the VAE's edge effects stay out; objects with fewer than 2 such cells are left out. Captions
+    dropped for classifier-free guidance get none. ``masks, rows = coherence_masks([3, 7], dropped, (0.2, 0.25))``
+    """
+    masks, rows = [], []
+    f = SIZE // grid
+    for b, seed in enumerate(seeds):
+        if dropped[b]:
+            continue
+        prompt = training_prompt(int(seed), *open_rates)
+        if not prompt.open_colors:
+            continue
+        scene = render_scene(int(seed))
+        for i in prompt.open_colors:
+            obj = scene.objects[i]
+            if obj.fill != "solid":
+                continue  # an outline is thinner than a latent cell: it has no interior to hold one colour
+            full = torch.from_numpy(obj.mask.reshape(grid, f, grid, f).all(axis=(1, 3)).astype(np.float32))
+            interior = -F.max_pool2d(-full[None, None], 3, stride=1, padding=1)[0, 0]
+            if interior.sum() >= 2:
+                masks.append(interior)
+                rows.append(b)
+    if not masks:
+        return torch.zeros(0, grid, grid), torch.zeros(0, dtype=torch.long)
+    return torch.stack(masks), torch.tensor(rows)
+
+
+def coherence_loss(x0_error: torch.Tensor, masks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """How much the denoiser's x0 error varies *inside* an open-coloured object: per object, the variance over
+    its interior cells of ``x0_pred - x0``, per channel, averaged over channels and objects.
+
+    Where the caption leaves an object's colour open, the best prediction ``E[x0 | x_t]`` mixes the colours by
+    their posterior, one mixture for the whole object, so its error is constant over the object's interior;
+    an error that changes across the object is the two-tone "hedging" of an undertrained model, which this
+    term penalises and a plain per-cell MSE weights no more than any other cell. ``x0_error`` is
+    ``(B, C, H, W)``; ``masks``/``rows`` from :func:`coherence_masks`.
+    """
+    if len(rows) == 0:
+        return x0_error.new_zeros(())
+    e = x0_error[rows]  # (M, C, H, W)
+    m = masks[:, None].to(e.dtype)
+    n = m.sum((2, 3))  # (M, 1)
+    mean = (e * m).sum((2, 3)) / n
+    var = (((e - mean[..., None, None]) ** 2) * m).sum((2, 3)) / n
+    return var.mean()
+
+
 def train_unet(
     run_dir: Path,
     minutes: float,
@@ -532,13 +582,15 @@ def train_unet(
     ground_weight: float = 0.0,
     open_rates: tuple[float, float] = (0.0, 0.0),
     bind_weight: float = 0.0,
+    coherence_weight: float = 0.0,
 ) -> None:
     """Jointly train text encoder + UNet on the pre-encoded latents for ``minutes`` (resumable).
 
     ``warm_start``: a checkpoint (``.safetensors`` of ``unet.*``/``te.*`` tensors) whose matching tensors
     initialise a fresh run; ``restart_schedule``: on resume, start a new warm-up + cosine from the current step;
     ``ground_weight``: weight of the grounding loss (:func:`grounding_loss`) beside the denoising loss;
-    ``bind_weight``: weight of its pixel side (:func:`binding_loss`); ``open_rates``: (colour, background) rates
+    ``bind_weight``: weight of its pixel side (:func:`binding_loss`); ``coherence_weight``: weight of
+    :func:`coherence_loss` (one colour per open-coloured object); ``open_rates``: (colour, background) rates
     at which grammar v2 leaves attributes open in the captions (:func:`~attnkit.bundled.scenes.training_prompt`);
     above 0, the evaluation also scores open prompts.
     """
@@ -659,6 +711,7 @@ def train_unet(
     losses: list[float] = []
     ground_losses: list[float] = []
     bind_losses: list[float] = []
+    coherence_losses: list[float] = []
     t_log = time.time()
     while time.time() < end:
         step = state["step"]
@@ -707,6 +760,11 @@ def train_unet(
             pred = unet(xt, t, enc).sample
         mse = F.mse_loss(pred, v)
         loss = mse + attention_loss
+        if coherence_weight > 0:
+            masks, rows = coherence_masks(idx.tolist(), drop, open_rates)
+            c_loss = coherence_loss(-s * (pred - v), masks, rows)  # x0_pred - x0 = -s (v_pred - v)
+            coherence_losses.append(c_loss.item())
+            loss = loss + coherence_weight * c_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -722,6 +780,7 @@ def train_unet(
             state["last_loss"] = float(np.mean(losses[-50:]))
             grounding = f" grounding {np.mean(ground_losses[-50:]):.4f}" if ground_losses else ""
             grounding += f" binding {np.mean(bind_losses[-50:]):.4f}" if bind_losses else ""
+            grounding += f" coherence {np.mean(coherence_losses[-50:]):.4f}" if coherence_losses else ""
             log(run_dir, f"step {state['step']} loss {state['last_loss']:.4f}{grounding} lr {cur_lr:.2e} "
                          f"{state['samples'] / state['seconds']:.1f} samples/s, {state['samples']} seen")
         if now - last_ckpt > 300:
@@ -734,6 +793,8 @@ def train_unet(
         state["last_grounding"] = float(np.mean(ground_losses[-50:]))
     if bind_losses:
         state["last_binding"] = float(np.mean(bind_losses[-50:]))
+    if coherence_losses:
+        state["last_coherence"] = float(np.mean(coherence_losses[-50:]))
     evaluate_and_export()
     save_ckpt()
     log(run_dir, f"unet: stopped at step {state['step']} ({state['samples']} samples, "
@@ -759,6 +820,7 @@ def train(
     open_background_rate: float = 0.0,
     guidances: tuple[float, ...] = (1.5, 2.5),
     bind_weight: float = 0.0,
+    coherence_weight: float = 0.0,
 ) -> None:
     """Run all stages (VAE, encode, UNet; finished stages are skipped, an interrupted one resumes).
 
@@ -776,7 +838,7 @@ def train(
                text_layers=text_layers, warm_start=Path(warm_start) if warm_start else None,
                restart_schedule=restart_schedule, ground_weight=ground_weight,
                open_rates=(open_color_rate, open_background_rate), guidances=tuple(guidances),
-               bind_weight=bind_weight)
+               bind_weight=bind_weight, coherence_weight=coherence_weight)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -803,12 +865,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bind-weight", type=float, default=0.0,
                    help="weight of the grounding loss's pixel side (binding_loss): an object's pixels attending to "
                         "another object's words")
+    p.add_argument("--coherence-weight", type=float, default=0.0,
+                   help="weight of the loss that keeps an open-coloured object's x0 error uniform over it "
+                        "(one colour, not a blend)")
     p.add_argument("--guidances", type=float, nargs="+", default=[1.5, 2.5],
                    help="guidance scales the periodic evaluation compares (the best one is exported)")
     a = p.parse_args(argv)
     train(a.run_dir, a.minutes, a.vae_minutes, a.n_scenes, a.size, a.batch, a.lr, a.seed, a.export_dir,
           a.end_at, a.text_layers, a.warm_start, a.restart_schedule, a.ground_weight, a.open_color_rate,
-          a.open_background_rate, tuple(a.guidances), a.bind_weight)
+          a.open_background_rate, tuple(a.guidances), a.bind_weight, a.coherence_weight)
 
 
 if __name__ == "__main__":
